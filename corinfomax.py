@@ -1,0 +1,765 @@
+"""CorInfoMax: self-supervised learning by maximising correlative (log-determinant) information.
+
+Paper    Serdar Ozsoy, Shadi Hamdan, Sercan O. Arik, Deniz Yuret, Alper T. Erdogan.
+         "Self-Supervised Learning with an Information Maximization Criterion", NeurIPS 2022,
+         arXiv:2209.07999.
+Official github.com/serdarozsoy/corinfomax-ssl, read at commit c0b917e (c0b917ebbf80ad272f62da398b3f1c05245a89bf).
+Spec     ../shared/specs/corinfomax.md (our reading of the paper and the official code).
+
+THE IDEA
+    Two augmented views of an image go through one network to L2-normalised embeddings z1, z2.
+    The loss keeps the views close (a mean squared distance) and, against collapse, maximises the
+    log-determinant of each view's covariance: a log-det is -inf for a collapsed (low-rank)
+    embedding and grows as the embedding spreads over all D directions. Together they are a
+    first-order approximation of the log-determinant mutual information (LDMI, the paper's Eq. 3)
+    between the views, with the linear predictor between them fixed to the identity. The
+    covariances are running estimates (exponential moving averages across batches), which lets
+    small batches estimate a D x D covariance.
+
+EQUATION MAP (official code names; the paper's full text was unavailable, see spec section 3)
+    running mean      mu_b' = la_mu mu_b + (1 - la_mu) mean(z_b)        CorInfoMaxLoss._branch, step 1
+    centring          zc_b = z_b - mu_b'  (the UPDATED mean)             _branch, step 2
+    batch covariance  C_b = zc_b^T zc_b / N                              _branch, step 3
+    running cov.      R_b' = la_R R_b + (1 - la_R) C_b                   _branch, step 4
+    log-det term      L_cov = -[logdet(R_1'+eps I) + logdet(R_2'+eps I)] / D   forward, step 5
+    state update      R_b <- detach(R_b'), mu_b <- detach(mu_b')         forward, step 6
+    invariance term   L_sim = sum_i ||z1_i - z2_i||^2 / (N D)            forward, step 7
+    objective         L = alpha L_sim + L_cov   (LDMI, Eq. 3, to first order)   forward, step 8
+    LR schedule       warm-up from 3e-3 + cosine, stepped per epoch      lr_at
+    linear probe      frozen backbone in eval mode, SGD, per-dataset schedule   linear_probe
+
+DIFFERENCES FROM THE OFFICIAL CODE, AND OUR CHOICES (spec section 9)
+    1. Loss form and alpha scaling: the official code form, alpha in code scale (no switch).
+    2. Centring: updated running mean as official; `--center-with previous` gives the earlier variant.
+    3. eps = 1e-8 as in every README command (the parser default 1e-6 is unused): `--eps`.
+    4. State R_b, mu_b: float64 as official, but registered buffers saved in checkpoints (the
+       official code keeps plain attributes, so its resume resets them to R_ini I and 0).
+    5. LR stepped once per epoch as official; `--lr-per-step` gives a smooth per-step variant.
+    6. Output L2 normalisation on as official; `--no-normalize` turns it off.
+    7. AMP: bf16 autocast on CUDA by default (official: fp16 on ImageNet-1k only); the loss always
+       runs outside autocast in float64. `--amp {bf16,fp16,off}`.
+    8. No online probe inside the optimiser (official IN-100 script); a kNN monitor instead.
+    9. [choice] Weight decay on all parameters, one SGD group (no exclusion is documented).
+   10. [choice] Gaussian blur with a 13-tap kernel: PIL's blur (official) has no kernel size, and
+       13 taps cover +-3 sigma for the largest sigma (2.0) at every image size.
+   11. [choice] Data order from our GlobalBatchSampler (common.py), not DistributedSampler: the
+       global batch is the same images whatever the world size, and resume is exact mid-epoch.
+   12. [choice] Linear probe: we report both the last and the best epoch's top-1 (the code logs
+       every epoch and does not say which one the paper quotes).
+   13. [choice] Presets `fashionmnist`, `synthetic` and `stl10` are ours (small, untuned). Both
+       short presets use the per-step schedule (`--lr-per-step`): with a few epochs, a warm-up
+       held per epoch wastes a whole epoch at 3e-3, and jumping to the base LR collapsed the
+       embedding in our runs. The 16-pixel `synthetic` preset also uses `--crop-min-scale 0.3`
+       and `--blur-sigma 0.5`: the recipe's blur (sigma up to 2 pixels, always on view 1) would
+       erase its 3-5 pixel patterns. ImageNet-100 expects an ImageFolder already restricted to
+       the 100 classes of the official classes100.txt.
+   14. [choice] A "cached-feature probe" for short runs (features computed once without
+       augmentation, standardised, linear head by SGD): fast, not the paper protocol, labelled so.
+
+USAGE
+    python corinfomax.py                                   # CPU demo on synthetic shapes, a few minutes
+    python corinfomax.py --data fashionmnist --epochs 20   # Debian's dataset-fashion-mnist, or --data-dir
+    python corinfomax.py --data cifar10 --data-dir data    # 1 GPU, the official CIFAR-10 recipe
+    python corinfomax.py --data imagenet --data-dir /ds/imagenet --gpus 8
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        corinfomax.py --data imagenet --data-dir /ds/imagenet     # two nodes
+    Every run resumes automatically from --output-dir. `--help` lists every flag.
+
+RESULTS (linear top-1 %; "paper" = official README; "ours" = measured here, command in README.md)
+    dataset        encoder     paper    ours
+    CIFAR-10       ResNet-18   93.18    not run (no GPU yet)
+    CIFAR-100      ResNet-18   71.61    not run
+    Tiny ImageNet  ResNet-50   54.86    not run
+    ImageNet-100   ResNet-18   80.48    not run
+    ImageNet-100   ResNet-50   82.64    not run
+    ImageNet-1k    ResNet-50   69.08    not run
+    Short CPU runs (synthetic demo, Fashion-MNIST) are in README.md, "Results".
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+import common
+from common import UsageError
+
+PROG = "corinfomax.py"
+
+# ============================================================================================
+# Config
+# ============================================================================================
+# One preset per dataset (spec sections 4, 6, 7). Every value can be overridden by the flag of
+# the same name; flags are named after the paper's / official code's symbols.
+
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+COMMON = dict(momentum=0.9, wd=1e-4, lr_per_step=False, crop_min_scale=0.08, blur_sigma=2.0, R_ini=1.0,
+              eps=1e-8, proj_bn=False, stem="cifar",
+              probe="linear", probe_epochs=100, probe_lr=0.2, probe_schedule="cosine",
+              knn_every=0, baseline=False, image_size=32, arch="resnet18")
+PRESETS = {
+    "cifar10": dict(epochs=1000, batch_size=512, lr=0.5, warmup_epochs=10, min_lr=1e-6, alpha=250.0,
+                    la_R=0.01, la_mu=0.01, projector="2048-2048-64", knn_every=10,
+                    norm=((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))),
+    "cifar100": dict(epochs=1000, batch_size=512, lr=0.5, warmup_epochs=10, min_lr=1e-6, alpha=1000.0,
+                     la_R=0.01, la_mu=0.01, projector="4096-4096-128", knn_every=10,
+                     norm=((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
+    "tiny-imagenet": dict(arch="resnet50", stem="imagenet", image_size=64, epochs=800, batch_size=1024,
+                          lr=0.5, warmup_epochs=10, min_lr=1e-6, alpha=500.0, la_R=0.1, la_mu=0.1,
+                          projector="4096-4096-128", knn_every=10, norm=IMAGENET_NORM),
+    "imagenet100": dict(stem="imagenet", image_size=224, epochs=400, batch_size=1024, lr=1.0,
+                        warmup_epochs=10, min_lr=5e-3, alpha=500.0, la_R=0.01, la_mu=0.01,
+                        projector="4096-4096-128", knn_every=10, norm=IMAGENET_NORM),
+    "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, epochs=100, batch_size=1536,
+                     lr=0.2, warmup_epochs=10, min_lr=1e-6, alpha=2000.0, la_R=0.1, la_mu=0.1,
+                     projector="8192-8192-512", proj_bn=True, probe_lr=25.0, probe_schedule="step",
+                     knn_every=5, norm=IMAGENET_NORM),
+    # ---- our own presets: small, untuned, labelled so ----
+    "stl10": dict(stem="imagenet", image_size=96, epochs=400, batch_size=512, lr=0.5, warmup_epochs=10,
+                  min_lr=1e-6, alpha=500.0, la_R=0.01, la_mu=0.01, projector="4096-4096-128",
+                  knn_every=10, norm=IMAGENET_NORM),
+    "fashionmnist": dict(image_size=28, epochs=20, batch_size=256, lr=0.5, warmup_epochs=2, min_lr=1e-3,
+                         lr_per_step=True,
+                         alpha=250.0, la_R=0.01, la_mu=0.01, projector="1024-1024-64", probe="cached",
+                         knn_every=5, baseline=True, norm=((0.286,) * 3, (0.353,) * 3)),
+    "synthetic": dict(image_size=16, epochs=4, batch_size=64, lr=0.2, warmup_epochs=1, min_lr=1e-3,
+                      lr_per_step=True, crop_min_scale=0.3, blur_sigma=0.5,
+                      alpha=250.0, la_R=0.01, la_mu=0.01, projector="512-512-32", probe="cached",
+                      baseline=True, synthetic_train=3840, synthetic_test=1000,
+                      norm=((0.5,) * 3, (0.25,) * 3)),
+}
+OUR_PRESETS = ("stl10", "fashionmnist", "synthetic")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog=PROG, description="CorInfoMax self-supervised pretraining "
+                                "(arXiv:2209.07999). Preset values fill every flag left unset.")
+    a = p.add_argument
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic",
+                   help=f"preset name ({', '.join(PRESETS)}) or a folder with train/ and val/")
+    g.add_argument("--data-dir", help="where the dataset lives (default: ./data; Fashion-MNIST: "
+                   f"{common.FASHION_MNIST_SYSTEM_DIR})")
+    g.add_argument("--preset", help="preset for a folder given as --data (default: imagenet)")
+    g.add_argument("--download", action="store_true", help="download CIFAR/STL with torchvision first")
+    g.add_argument("--workers", type=int, help="data-loader workers per process")
+    g.add_argument("--synthetic-train", dest="synthetic_train", type=int, help="synthetic: training images")
+    g.add_argument("--synthetic-test", dest="synthetic_test", type=int, help="synthetic: test images")
+    g = p.add_argument_group("method (official code names)")
+    g.add_argument("--alpha", type=float, help="weight of the invariance term (code scale)")
+    g.add_argument("--la-R", dest="la_R", type=float, help="lambda_R: weight of the previous covariance")
+    g.add_argument("--la-mu", dest="la_mu", type=float, help="lambda_mu: weight of the previous mean")
+    g.add_argument("--R-ini", dest="R_ini", type=float, help="initial covariance R_ini * I")
+    g.add_argument("--eps", type=float, help="eps inside the log-det")
+    g.add_argument("--center-with", choices=("updated", "previous"), default="updated",
+                   help="centre with the updated running mean (official) or the previous one")
+    g.add_argument("--no-normalize", dest="normalize", action="store_false",
+                   help="do not L2-normalise the projector output")
+    g = p.add_argument_group("network")
+    g.add_argument("--arch", choices=("resnet18", "resnet50"))
+    g.add_argument("--stem", choices=("cifar", "imagenet"), help="3x3 stride-1 stem, no max-pool; or 7x7/2")
+    g.add_argument("--projector", help="hidden-...-output widths, e.g. 2048-2048-64")
+    g.add_argument("--proj-bn", dest="proj_bn", action=argparse.BooleanOptionalAction)
+    g.add_argument("--image-size", dest="image_size", type=int)
+    g.add_argument("--crop-min-scale", dest="crop_min_scale", type=float,
+                   help="smallest RandomResizedCrop area of the pretraining views (paper: 0.08)")
+    g.add_argument("--blur-sigma", dest="blur_sigma", type=float,
+                   help="largest Gaussian-blur sigma in pixels (paper: 2.0)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--max-steps", dest="max_steps", type=int, help="stop after this many steps in all")
+    g.add_argument("--batch-size", dest="batch_size", type=int, help="global batch (all processes)")
+    g.add_argument("--lr", type=float, help="base learning rate (no batch/256 scaling)")
+    g.add_argument("--min-lr", dest="min_lr", type=float)
+    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=int)
+    g.add_argument("--wd", type=float, help="weight decay")
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--lr-per-step", dest="lr_per_step", action=argparse.BooleanOptionalAction,
+                   help="smooth per-step schedule instead of the official per-epoch one")
+    g.add_argument("--amp", choices=("bf16", "fp16", "off"), help="default: bf16 on CUDA, off on CPU")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--probe", choices=("linear", "cached", "none"),
+                   help="linear: the paper protocol; cached: fast cached-feature probe for short runs")
+    g.add_argument("--probe-epochs", dest="probe_epochs", type=int)
+    g.add_argument("--probe-lr", dest="probe_lr", type=float)
+    g.add_argument("--baseline", action=argparse.BooleanOptionalAction,
+                   help="also probe the randomly initialised backbone")
+    g.add_argument("--knn-every", dest="knn_every", type=int, help="kNN monitor every N epochs (0: off)")
+    g.add_argument("--knn-bank", dest="knn_bank", type=int, default=20000,
+                   help="at most this many training images in the kNN bank")
+    g = p.add_argument_group("run")
+    g.add_argument("--gpus", type=int, default=1, help="local processes to start (CPU: gloo processes)")
+    g.add_argument("--cpu", action="store_true", help="do not use CUDA even if present")
+    g.add_argument("--threads", type=int, help="torch CPU threads per process")
+    g.add_argument("--output-dir", dest="output_dir", help="checkpoints, metrics.jsonl, backbone.pt")
+    g.add_argument("--log-every", dest="log_every", type=int, default=10)
+    g.add_argument("--seed", type=int, default=0)
+    cfg = p.parse_args(argv)
+    return resolve(cfg)
+
+
+def resolve(cfg):
+    """Fill unset flags from the preset; return the resolved config."""
+    is_path = cfg.data not in PRESETS
+    cfg.preset = cfg.preset or ("imagenet" if is_path else cfg.data)
+    if cfg.preset not in PRESETS:
+        raise UsageError(f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
+    if is_path:
+        cfg.data_dir = cfg.data
+    for k, v in {**COMMON, **PRESETS[cfg.preset]}.items():
+        if getattr(cfg, k, None) is None:
+            setattr(cfg, k, v)
+    cfg.use_cuda = torch.cuda.is_available() and not cfg.cpu
+    cfg.amp = cfg.amp or ("bf16" if cfg.use_cuda else "off")
+    cfg.output_dir = cfg.output_dir or os.path.join("runs", f"corinfomax-{cfg.preset}")
+    if cfg.gpus < 1 or cfg.batch_size % cfg.gpus:
+        raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly across --gpus {cfg.gpus}")
+    if cfg.use_cuda and cfg.gpus > torch.cuda.device_count():
+        raise UsageError(f"--gpus {cfg.gpus} but only {torch.cuda.device_count()} CUDA devices")
+    return cfg
+
+
+# ============================================================================================
+# Loss
+# ============================================================================================
+# Self-contained: needs only torch, works without a process group. In a multi-GPU run, pass the
+# globally gathered z1, z2 (all_gather with gradient); every rank then holds identical state.
+
+class CorInfoMaxLoss(nn.Module):
+    """CorInfoMax loss with running float64 covariance/mean estimates (official code form).
+
+    forward(z1, z2) takes the two views' L2-normalised embeddings (N, D), advances the running
+    state once and returns (loss, logs). Call it exactly once per training step: every call,
+    also under no_grad, advances R1, R2, mu1, mu2.
+    """
+
+    def __init__(self, dim, alpha=250.0, la_R=0.01, la_mu=0.01, R_ini=1.0, eps=1e-8, center_with="updated"):
+        super().__init__()
+        if center_with not in ("updated", "previous"):
+            raise ValueError("center_with must be 'updated' or 'previous'")
+        self.dim, self.alpha, self.la_R, self.la_mu, self.center_with = dim, alpha, la_R, la_mu, center_with
+        eye = torch.eye(dim, dtype=torch.float64)
+        # Two independent estimators, one per view; float64 because with N < D the running
+        # covariance is kept positive definite only by la_R * R_prev + eps and becomes badly
+        # conditioned (spec 2.4).
+        self.register_buffer("R1", R_ini * eye)
+        self.register_buffer("R2", R_ini * eye)
+        self.register_buffer("mu1", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("mu2", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("eps_I", eps * eye, persistent=False)
+
+    def _branch(self, z, R, mu):
+        """One view: steps 1-5 of spec 2.2. Returns logdet(R' + eps I) and the new state."""
+        mu_new = self.la_mu * mu + (1 - self.la_mu) * z.mean(0)          # 1. float64 by promotion
+        zc = z - (mu_new if self.center_with == "updated" else mu)        # 2. not exactly zero-mean
+        C = zc.T @ zc / z.shape[0]                                        # 3. biased: divide by N
+        R_new = self.la_R * R + (1 - self.la_R) * C                       # 4. gradient only via C
+        return torch.logdet(R_new + self.eps_I), R_new.detach(), mu_new.detach()
+
+    def forward(self, z1, z2):
+        logdet1, self.R1, self.mu1 = self._branch(z1, self.R1, self.mu1)  # 6. state: detached
+        logdet2, self.R2, self.mu2 = self._branch(z2, self.R2, self.mu2)
+        cov_loss = -(logdet1 + logdet2) / self.dim                        # 5. divided once by D
+        sim_loss = (z1 - z2).pow(2).mean()                                # 7. mean over N*D entries
+        loss = self.alpha * sim_loss + cov_loss                           # 8. beta = 1
+        # One host sync for all logged values.
+        values = torch.stack([loss.detach(), cov_loss.detach(), sim_loss.detach().double(),
+                              logdet1.detach(), logdet2.detach()]).tolist()
+        return loss, dict(zip(("loss", "cov_loss", "sim_loss", "logdet1", "logdet2"), values))
+
+
+# ============================================================================================
+# Networks
+# ============================================================================================
+
+def make_backbone(arch, stem):
+    """torchvision ResNet with zero-init residuals and fc removed; returns (net, feature dim).
+
+    The CIFAR stem (3x3 stride-1 conv1, no max-pool) keeps small images from being downsampled
+    4x before the first block. The state dict keeps torchvision's key names (minus fc).
+    """
+    net = getattr(torchvision.models, arch)(zero_init_residual=True)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+def make_projector(in_dim, widths, bn):
+    """Linear(+bias) -> [BN] -> ReLU for each hidden width, then Linear without bias."""
+    dims = [in_dim] + [int(w) for w in widths.split("-")]
+    layers = []
+    for a, b in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(a, b)] + ([nn.BatchNorm1d(b)] if bn else []) + [nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
+    return nn.Sequential(*layers)
+
+
+class Model(nn.Module):
+    """Backbone + projector + L2 normalisation; both views share it (no predictor, no EMA)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.backbone, feat_dim = make_backbone(cfg.arch, cfg.stem)
+        self.projector = make_projector(feat_dim, cfg.projector, cfg.proj_bn)
+        self.normalize = cfg.normalize
+
+    def forward(self, x):
+        z = self.projector(self.backbone(x))
+        return F.normalize(z, dim=1, eps=1e-12) if self.normalize else z
+
+
+def out_dim(cfg):
+    return int(cfg.projector.split("-")[-1])
+
+
+# ============================================================================================
+# Augmentation
+# ============================================================================================
+# All ops run on uint8 image tensors (v2.ToImage turns PIL images into tensors first), so the
+# solarize threshold is 128 of 255 as in the official PIL pipeline.
+
+def normalize(cfg):
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(*cfg.norm)]
+
+
+def pretrain_views(cfg):
+    """The asymmetric two-view recipe of spec section 5: blur 1.0/0.1, solarize 0.0/0.2."""
+    def view(blur_p, solarize_p):
+        return v2.Compose([
+            v2.ToImage(),
+            v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_scale, 1.0),
+                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=13, sigma=(0.1, cfg.blur_sigma))], p=blur_p),
+            v2.RandomSolarize(threshold=128, p=solarize_p),
+            *normalize(cfg)])
+    return [view(1.0, 0.0), view(0.1, 0.2)]
+
+
+def probe_train_view(cfg):
+    """Linear-probe training augmentation (spec 7): RandomResizedCrop + flip."""
+    return v2.Compose([v2.ToImage(),
+                       v2.RandomResizedCrop(cfg.image_size, scale=(0.08, 1.0),
+                                            interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.RandomHorizontalFlip(p=0.5), *normalize(cfg)])
+
+
+def test_view(cfg):
+    """Evaluation: Resize(size * 8/7, bicubic) + CenterCrop(size) (256 -> 224 on ImageNet)."""
+    return v2.Compose([v2.ToImage(),
+                       v2.Resize(int(cfg.image_size * 8 / 7), interpolation=v2.InterpolationMode.BICUBIC,
+                                 antialias=True),
+                       v2.CenterCrop(cfg.image_size), *normalize(cfg)])
+
+
+# ============================================================================================
+# Data
+# ============================================================================================
+
+class TensorImages(torch.utils.data.Dataset):
+    """In-memory uint8 images (N, C, H, W) with labels; grey images are repeated to 3 channels."""
+
+    def __init__(self, images, labels):
+        self.images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        self.targets = labels
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.targets[i])
+
+
+class Views(torch.utils.data.Dataset):
+    """Applies each transform to an image; items are (index, seed) pairs from the sampler.
+
+    The seed fixes the augmentation of this item (a forked RNG, so the global one is untouched):
+    the same step gets the same views whatever the number of workers, and a resumed run
+    continues with exactly the views the uninterrupted run would have drawn.
+    """
+
+    def __init__(self, base, transforms):
+        self.base, self.transforms = base, transforms
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        index, seed = item
+        image, label = self.base[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return [t(image) for t in self.transforms], label
+
+
+def load_datasets(cfg):
+    """(pretraining set, probe training set, test set, number of classes) for cfg.data."""
+    name = cfg.data if cfg.data in PRESETS else "folder"
+    root = cfg.data_dir or ("" if name in ("synthetic", "fashionmnist") else "data")
+    if cfg.download and name in ("cifar10", "cifar100", "stl10"):
+        common.download(name, root)
+    if name == "synthetic":
+        train = TensorImages(*common.make_synthetic(cfg.synthetic_train, cfg.image_size, seed=cfg.seed))
+        test = TensorImages(*common.make_synthetic(cfg.synthetic_test, cfg.image_size, seed=cfg.seed + 1))
+        return train, train, test, len(common.SYNTHETIC_CLASSES)
+    if name == "fashionmnist":
+        root = root or common.FASHION_MNIST_SYSTEM_DIR
+        hint = "; pass --data-dir DIR with its idx .gz files, or apt-get install dataset-fashion-mnist"
+        try:
+            train, test = (TensorImages(*common.read_fashion_mnist(root, t)) for t in (True, False))
+        except UsageError as e:
+            raise UsageError(f"{e}{hint}") from None
+        return train, train, test, 10
+    hint = "; pass --data-dir DIR" + (" or --download" if name != "folder" else "")
+    try:
+        if name in ("cifar10", "cifar100"):
+            classes = int(name[5:])
+            train, test = (TensorImages(*common.read_cifar(root, classes, t)) for t in (True, False))
+            return train, train, test, classes
+        if name == "stl10":
+            labelled, test = (TensorImages(*common.read_stl10(root, s)) for s in ("train", "test"))
+            unlabelled = TensorImages(*common.read_stl10(root, "unlabeled"))
+            return torch.utils.data.ConcatDataset([labelled, unlabelled]), labelled, test, 10
+        for split in ("train", "val"):
+            common._need(os.path.join(root, split), f"image folder '{split}/'")
+        train, test = (torchvision.datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "val"))
+        return train, train, test, len(train.classes)
+    except UsageError as e:
+        raise UsageError(f"{e}{hint}") from None
+
+
+def make_loader(dataset, batch_sampler, cfg):
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=cfg.workers,
+                                       pin_memory=cfg.use_cuda, persistent_workers=cfg.workers > 0)
+
+
+def eval_loader(base, transform, cfg, d, batch=256):
+    """This rank's contiguous shard of `base`, in order, with a fixed transform."""
+    idx = list(common.shard(len(base), d.rank, d.world))
+    batches = [[(i, 0) for i in idx[j:j + batch]] for j in range(0, len(idx), batch)]
+    return make_loader(Views(base, [transform]), batches, cfg)
+
+
+# ============================================================================================
+# Optimisation
+# ============================================================================================
+
+def make_optimizer(model, cfg):
+    """SGD, momentum 0.9, weight decay on every parameter (one group) [choice, spec 6]."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+
+
+def lr_at(cfg, epoch, frac=0.0):
+    """Official schedule (spec 6): linear warm-up from 3e-3 over W epochs, then cosine to min_lr.
+
+    `epoch` is 0-based (k = e - 1 in the spec); `frac` in [0, 1) is the position within the
+    epoch and is used only with --lr-per-step (the official schedule is constant per epoch).
+    """
+    k = epoch + (frac if cfg.lr_per_step else 0.0)
+    W, E, base = cfg.warmup_epochs, cfg.epochs, cfg.lr
+    if k < W:
+        return 3e-3 + k * (base - 3e-3) / max(W - 1, 1)
+    return cfg.min_lr + (base - cfg.min_lr) * (1 + math.cos(math.pi * (k - W) / max(E - W, 1))) / 2
+
+
+def autocast(cfg):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, torch.float32)
+    return torch.autocast("cuda" if cfg.use_cuda else "cpu", dtype=dtype, enabled=cfg.amp != "off")
+
+
+# ============================================================================================
+# Evaluation
+# ============================================================================================
+
+@torch.no_grad()
+def extract(backbone, base, transform, cfg, d):
+    """Backbone features (eval mode) and labels of the whole of `base`, on every rank."""
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    for (x,), y in eval_loader(base, transform, cfg, d):
+        with autocast(cfg):
+            feats.append(backbone(to_device(x, cfg, d)).float())
+        labels.append(y.to(d.device))
+    backbone.train(was_training)
+    feats = torch.cat(feats) if feats else torch.empty(0, 0, device=d.device)
+    return (common.gather_shards(feats, len(base)),
+            common.gather_shards(torch.cat(labels) if labels else torch.empty(0, device=d.device), len(base)))
+
+
+def topk(logits, y, ks=(1, 5)):
+    """Top-k accuracies in % (k larger than the number of classes is skipped)."""
+    pred = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = pred == y[:, None]
+    return {f"top{k}": 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks if k < logits.shape[1]}
+
+
+def knn_accuracy(train_f, train_y, test_f, test_y, classes, k=200, T=0.1):
+    """Weighted kNN monitor on cosine similarity (k = 200, temperature 0.1, InstDisc-style)."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    scores = []
+    for chunk in test_f.split(1024):
+        sim, idx = (chunk @ train_f.T).topk(min(k, len(train_f)), dim=1)
+        votes = torch.zeros(len(chunk), classes, device=chunk.device)
+        scores.append(votes.scatter_add_(1, train_y[idx], (sim / T).exp()))
+    return topk(torch.cat(scores), test_y)
+
+
+def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
+    """Fast probe for short runs: standardised cached features, linear head, SGD + cosine.
+
+    Not the paper protocol (no augmentation); identical on every rank (same seed, same data).
+    """
+    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+    train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    head = nn.Linear(train_f.shape[1], classes).to(train_f.device)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs)
+    for _ in range(cfg.probe_epochs):
+        for idx in torch.randperm(len(train_f), generator=g).to(train_f.device).split(256):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(train_f[idx]), train_y[idx]).backward()
+            opt.step()
+        sched.step()
+    with torch.no_grad():
+        return topk(head(test_f), test_y)
+
+
+def linear_probe(backbone, probe_set, test_set, classes, cfg, d, log):
+    """The paper protocol (spec 7): frozen backbone in eval mode, Linear head on pooled features,
+    SGD m 0.9 wd 0, RandomResizedCrop + flip; cosine to lr/100 or x0.1 every 20 epochs (ImageNet).
+    Returns the last epoch's accuracies and the best top-1."""
+    backbone.eval()
+    head = nn.Linear(feature_dim(backbone, cfg, d), classes).to(d.device)
+    head_ddp = nn.parallel.DistributedDataParallel(head) if d.world > 1 else head
+    opt = torch.optim.SGD(head.parameters(), lr=cfg.probe_lr, momentum=0.9, weight_decay=0.0)
+    if cfg.probe_schedule == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.1)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs, eta_min=cfg.probe_lr / 100)
+    batch = min(256, len(probe_set) // d.world * d.world)
+    sampler = common.GlobalBatchSampler(len(probe_set), batch, d.rank, d.world, seed=cfg.seed + 1)
+    loader = make_loader(Views(probe_set, [probe_train_view(cfg)]), sampler, cfg)
+    best, acc = 0.0, {}
+    for epoch in range(cfg.probe_epochs):
+        sampler.set_epoch(epoch)
+        for (x,), y in loader:
+            with torch.no_grad(), autocast(cfg):
+                f = backbone(to_device(x, cfg, d)).float()
+            loss = F.cross_entropy(head_ddp(f), y.to(d.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        test_f, test_y = extract(backbone, test_set, test_view(cfg), cfg, d)
+        with torch.no_grad():
+            acc = topk(head(test_f), test_y)
+        best = max(best, acc["top1"])
+        log.print(f"  probe epoch {epoch + 1}/{cfg.probe_epochs}  top1 {acc['top1']:.2f}  best {best:.2f}")
+    return {**acc, "best_top1": best}
+
+
+@torch.no_grad()
+def feature_dim(backbone, cfg, d):
+    return backbone(torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=d.device)).shape[1]
+
+
+def evaluate(backbone, data, cfg, d, log, kind):
+    """Probe accuracy of `backbone` with the configured protocol."""
+    _, probe_set, test_set, classes = data
+    if kind == "linear":
+        return linear_probe(backbone, probe_set, test_set, classes, cfg, d, log)
+    train_f, train_y = extract(backbone, probe_set, test_view(cfg), cfg, d)
+    test_f, test_y = extract(backbone, test_set, test_view(cfg), cfg, d)
+    if kind == "knn":
+        bank = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(0))[:cfg.knn_bank]
+        return knn_accuracy(train_f[bank.to(d.device)], train_y[bank.to(d.device)], test_f, test_y, classes)
+    return cached_probe(train_f, train_y, test_f, test_y, classes, cfg)
+
+
+# ============================================================================================
+# Training
+# ============================================================================================
+
+def to_device(x, cfg, d):
+    x = x.to(d.device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if cfg.use_cuda else x
+
+
+def build(cfg, d):
+    """Model, loss, optimiser and AMP scaler, freshly initialised from cfg.seed."""
+    torch.manual_seed(cfg.seed)
+    model = Model(cfg).to(d.device)
+    if cfg.use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+        if d.world > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    criterion = CorInfoMaxLoss(out_dim(cfg), cfg.alpha, cfg.la_R, cfg.la_mu, cfg.R_ini, cfg.eps,
+                               cfg.center_with).to(d.device)
+    optimizer = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(enabled=cfg.amp == "fp16")
+    return model, criterion, optimizer, scaler
+
+
+def train_step(model, criterion, optimizer, scaler, x1, x2, cfg):
+    """One step on this rank's share of the global batch; the loss sees the gathered batch."""
+    with autocast(cfg):
+        z1, z2 = model(x1), model(x2)
+    # The loss runs outside autocast: float32 embeddings meet the float64 state (spec 2.4).
+    z1, z2 = common.gather_with_grad(z1.float()), common.gather_with_grad(z2.float())
+    loss, logs = criterion(z1, z2)
+    if not math.isfinite(logs["loss"]):
+        return logs
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return logs
+
+
+def checkpoint_state(model, criterion, optimizer, scaler, step, cfg):
+    return {"model": model.state_dict(), "criterion": criterion.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+            "rng": torch.get_rng_state(), "batch_size": cfg.batch_size, "preset": cfg.preset}
+
+
+def restore(ckpt, model, criterion, optimizer, scaler, cfg, path):
+    if (ckpt.get("batch_size"), ckpt.get("preset")) != (cfg.batch_size, cfg.preset):
+        raise UsageError(f"{path} was written with --batch-size {ckpt.get('batch_size')} and preset "
+                         f"{ckpt.get('preset')}; resume with the same or choose another --output-dir")
+    try:
+        model.load_state_dict(ckpt["model"])
+        criterion.load_state_dict(ckpt["criterion"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UsageError(f"{path} does not match this model ({type(e).__name__}); "
+                         "choose another --output-dir") from None
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["step"]
+
+
+def train(cfg):
+    """Pretrain, checkpoint, export the backbone and evaluate (runs in every process)."""
+    d = common.Dist(cfg.use_cuda)
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
+    if cfg.workers is None:
+        cfg.workers = min(8, (os.cpu_count() or 1) // d.local_world) if cfg.use_cuda else 1
+    data = load_datasets(cfg)
+    sampler = common.GlobalBatchSampler(len(data[0]), cfg.batch_size, d.rank, d.world, seed=cfg.seed)
+    loader = make_loader(Views(data[0], pretrain_views(cfg)), sampler, cfg)
+    steps_per_epoch = len(sampler)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    model, criterion, optimizer, scaler = build(cfg, d)
+    ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
+    step = 0
+    if os.path.exists(ckpt_path):   # before anything is written: a bad checkpoint loses nothing
+        step = restore(common.load_checkpoint(ckpt_path), model, criterion, optimizer, scaler, cfg, ckpt_path)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    log = common.Logger(cfg.output_dir, d.is_main)
+    log.record(event="start", argv=sys.argv, config=config_dict(cfg), versions=common.versions(),
+               world_size=d.world, resumed_from_step=step)
+    log.print(f"{PROG}: world size {d.world}, device {d.device}, {steps_per_epoch} steps/epoch, "
+              f"{total} steps" + (f", resuming at step {step}" if step else ""))
+    log.print("config: " + json.dumps(config_dict(cfg)))
+    if cfg.preset in OUR_PRESETS:
+        log.print(f"note: preset '{cfg.preset}' is the project's own (small, untuned), not the paper's")
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if cfg.use_cuda else None) \
+        if d.world > 1 else model
+    model.train()
+    t0, t_last, images = time.time(), time.time(), 0
+    while step < total:
+        epoch, start = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, start)
+        for i, ((x1, x2), _) in enumerate(loader, start):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, epoch, i / steps_per_epoch)
+            logs = train_step(ddp, criterion, optimizer, scaler, to_device(x1, cfg, d),
+                              to_device(x2, cfg, d), cfg)
+            if not math.isfinite(logs["loss"]):
+                raise common.NonFiniteLoss(f"loss is {logs['loss']} at step {step + 1}; the last good "
+                                           f"checkpoint {ckpt_path} is kept (try a lower --lr)")
+            step, images = step + 1, images + cfg.batch_size
+            if step % cfg.log_every == 0 or step == total:
+                rate = images / (time.time() - t_last)
+                log.print(f"ep {epoch + 1}/{cfg.epochs} step {step}/{total} loss {logs['loss']:.4f} "
+                          f"cov {logs['cov_loss']:.4f} sim {logs['sim_loss']:.5f} "
+                          f"lr {optimizer.param_groups[0]['lr']:.4g} {rate:.1f} img/s "
+                          f"ETA {format_time((total - step) * cfg.batch_size / rate)}")
+                log.record(event="train", epoch=epoch + 1, step=step, lr=optimizer.param_groups[0]["lr"],
+                           img_per_s=rate, **logs)
+                t_last, images = time.time(), 0
+            if step == total:
+                break
+        end_of_epoch = step % steps_per_epoch == 0
+        if d.is_main:
+            common.atomic_save(checkpoint_state(model, criterion, optimizer, scaler, step, cfg), ckpt_path)
+        if end_of_epoch:
+            monitor(model, criterion, data, cfg, d, log, epoch + 1)
+    log.print(f"pretraining done: {step} steps in {format_time(time.time() - t0)} this session")
+    finish(model, data, cfg, d, log)
+    d.close()
+
+
+def monitor(model, criterion, data, cfg, d, log, epoch):
+    """Per-epoch diagnostics: spectrum of R1 (as the official code logs) and the kNN monitor."""
+    eig = torch.linalg.eigvalsh(criterion.R1)
+    rec = {"epoch": epoch, "R1_eig_min": eig[0].item(), "R1_eig_max": eig[-1].item()}
+    if cfg.knn_every and epoch % cfg.knn_every == 0:
+        rec.update({f"knn_{k}": v for k, v in evaluate(model.backbone, data, cfg, d, log, "knn").items()})
+    log.print(f"  epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "epoch"))
+    log.record(event="epoch", **rec)
+
+
+def finish(model, data, cfg, d, log):
+    """Export the backbone (loads into torchvision's ResNet minus fc) and run the final probe."""
+    if d.is_main:
+        common.atomic_save(model.backbone.state_dict(), os.path.join(cfg.output_dir, "backbone.pt"))
+    if cfg.probe == "none":
+        return
+    label = "linear probe (paper protocol)" if cfg.probe == "linear" else "cached-feature probe (fast, no aug)"
+    results = {"trained": evaluate(model.backbone, data, cfg, d, log, cfg.probe)}
+    if cfg.baseline:
+        random_model, *_ = build(cfg, d)
+        results["random_init"] = evaluate(random_model.backbone, data, cfg, d, log, cfg.probe)
+    for name, acc in results.items():
+        log.print(f"{label}, {name} backbone: " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+    log.record(event="probe", protocol=cfg.probe, **results)
+
+
+def config_dict(cfg):
+    return {k: v for k, v in sorted(vars(cfg).items()) if isinstance(v, (int, float, str, bool, list, tuple))
+            or v is None}
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ============================================================================================
+# Main
+# ============================================================================================
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    common.launch(train, cfg, 1 if "RANK" in os.environ else cfg.gpus, PROG)
+
+
+if __name__ == "__main__":
+    common.run_cli(main, PROG)

@@ -1,0 +1,620 @@
+"""Test suite (CPU only, no network): `python -m pytest -q test_all.py`.
+
+Every loss is checked against an independent naive float64 transcription written here with
+explicit loops; the scripts are run as a user runs them (subprocess, tiny budgets).
+"""
+import argparse
+import ast
+import copy
+import gzip
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import common
+import corinfomax
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHOD_FILES = [f for f in ("corinfomax.py", "ssl_hsic.py", "explicit_mim.py", "hydes.py")
+                if os.path.exists(os.path.join(HERE, f))]
+torch.set_num_threads(2)
+
+
+# ============================================================================================
+# Helpers
+# ============================================================================================
+
+def run_script(*args, script="corinfomax.py", timeout=600, module=None):
+    """Run a method script (or `python -m module`, e.g. torchrun) as a user would."""
+    cmd = [sys.executable] + (["-m", module] if module else [script]) + [str(a) for a in args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(proc, code=2):
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+# Small, fast settings for subprocess runs: 16 px images, 4 steps per epoch.
+TINY = ["--data", "synthetic", "--synthetic-train", 64, "--synthetic-test", 40, "--image-size", 16,
+        "--batch-size", 16, "--projector", "64-32", "--epochs", 2, "--log-every", 1, "--threads", 1,
+        "--workers", 0, "--probe", "none"]
+
+
+def files_snapshot(folder):
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
+# ============================================================================================
+# CorInfoMax loss against a naive float64 transcription (spec 2.2, 10.1)
+# ============================================================================================
+
+def naive_corinfomax(batches, D, alpha, la_R, la_mu, R_ini, eps, center="updated"):
+    """Explicit loops: per-sample outer products, slogdet, explicit state recursion.
+    `batches` is a list of (z1, z2) float64 tensors; returns per-step losses and states."""
+    eye = torch.eye(D, dtype=torch.float64)
+    R, mu = [R_ini * eye, R_ini * eye], [torch.zeros(D, dtype=torch.float64)] * 2
+    losses, states = [], []
+    for z1, z2 in batches:
+        N = z1.shape[0]
+        logdets = []
+        for b, z in enumerate((z1, z2)):
+            mean = sum(z[i] for i in range(N)) / N
+            mu_new = la_mu * mu[b] + (1 - la_mu) * mean
+            c = mu_new if center == "updated" else mu[b]
+            C = sum(torch.outer(z[i] - c, z[i] - c) for i in range(N)) / N
+            R_new = la_R * R[b] + (1 - la_R) * C
+            sign, logabsdet = torch.linalg.slogdet(R_new + eps * eye)
+            assert sign > 0
+            logdets.append(logabsdet)
+            R[b], mu[b] = R_new.detach(), mu_new.detach()
+        sim = sum((z1[i, j] - z2[i, j]) ** 2 for i in range(N) for j in range(D)) / (N * D)
+        losses.append(alpha * sim - (logdets[0] + logdets[1]) / D)
+        states.append([t.clone() for t in (R[0], R[1], mu[0], mu[1])])
+    return losses, states
+
+
+def unit_rows(n, d, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1).to(dtype)
+
+
+@pytest.mark.parametrize("N,D,center", [(16, 4, "updated"), (32, 8, "updated"), (6, 10, "updated"),
+                                        (12, 5, "previous")])
+def test_loss_matches_naive_over_steps(N, D, center):
+    kw = dict(alpha=7.0, la_R=0.2, la_mu=0.3, R_ini=1.5, eps=1e-6)
+    batches = [(unit_rows(N, D, 10 * s), unit_rows(N, D, 10 * s + 1)) for s in range(4)]
+    loss_fn = corinfomax.CorInfoMaxLoss(D, center_with=center, **kw)
+    naive_in = [(a.clone().requires_grad_(), b.clone().requires_grad_()) for a, b in batches]
+    naive_losses, naive_states = naive_corinfomax(naive_in, D, center=center, **kw)
+    for s, (z1, z2) in enumerate(batches):
+        z1, z2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        loss, logs = loss_fn(z1, z2)
+        loss.backward()
+        naive_losses[s].backward()
+        torch.testing.assert_close(loss, naive_losses[s], rtol=1e-12, atol=1e-12)
+        assert logs["loss"] == pytest.approx(loss.item(), rel=1e-12)
+        for got, want in zip((loss_fn.R1, loss_fn.R2, loss_fn.mu1, loss_fn.mu2), naive_states[s]):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+            assert got.dtype == torch.float64 and not got.requires_grad
+        tol = 1e-6 if N < D else 1e-10  # rank-deficient batch covariance: looser (spec 10.1)
+        torch.testing.assert_close(z1.grad, naive_in[s][0].grad, rtol=tol, atol=tol)
+        torch.testing.assert_close(z2.grad, naive_in[s][1].grad, rtol=tol, atol=tol)
+
+
+def test_gradcheck_with_previous_state_fixed():
+    D = 3
+    loss_fn = corinfomax.CorInfoMaxLoss(D, alpha=2.0, la_R=0.3, la_mu=0.4, eps=1e-3)
+    loss_fn(unit_rows(5, D, 1), unit_rows(5, D, 2))  # a non-trivial previous state
+    z1, z2 = unit_rows(5, D, 3).requires_grad_(), unit_rows(5, D, 4).requires_grad_()
+    # A copy per call, so every evaluation starts from the same previous state.
+    assert torch.autograd.gradcheck(lambda a, b: copy.deepcopy(loss_fn)(a, b)[0], (z1, z2))
+
+
+def test_closed_form_gradient():
+    """Spec 2.3: dL_cov/dz = G - ((1 - la_mu)/N) 1 1^T G, G = -(2(1 - la_R)/(N D)) zc A."""
+    N, D, la_R, la_mu, alpha, eps = 10, 6, 0.1, 0.2, 3.0, 1e-8
+    loss_fn = corinfomax.CorInfoMaxLoss(D, alpha=alpha, la_R=la_R, la_mu=la_mu, eps=eps)
+    loss_fn(unit_rows(N, D, 5), unit_rows(N, D, 6))
+    R_prev, mu_prev = loss_fn.R1.clone(), loss_fn.mu1.clone()
+    z1, z2 = unit_rows(N, D, 7).requires_grad_(), unit_rows(N, D, 8).requires_grad_()
+    loss, _ = loss_fn(z1, z2)
+    loss.backward()
+    z = z1.detach()
+    mu_new = la_mu * mu_prev + (1 - la_mu) * z.mean(0)
+    zc = z - mu_new
+    R_new = la_R * R_prev + (1 - la_R) * zc.T @ zc / N
+    G = -(2 * (1 - la_R) / (N * D)) * zc @ torch.linalg.inv(R_new + eps * torch.eye(D, dtype=torch.float64))
+    expected = G - ((1 - la_mu) / N) * torch.ones(N, N, dtype=torch.float64) @ G
+    expected += 2 * alpha * (z - z2.detach()) / (N * D)
+    torch.testing.assert_close(z1.grad, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_zero_memory_is_batch_covariance():
+    """Spec 10.3: la_R = la_mu = 0 gives the plain biased batch covariance (numpy's)."""
+    N, D, eps = 40, 5, 1e-8
+    z1, z2 = unit_rows(N, D, 1), unit_rows(N, D, 2)
+    loss_fn = corinfomax.CorInfoMaxLoss(D, alpha=0.0, la_R=0.0, la_mu=0.0, eps=eps)
+    loss, _ = loss_fn(z1, z2)
+    want = -sum(np.linalg.slogdet(np.cov(z.numpy().T, bias=True) + eps * np.eye(D))[1] for z in (z1, z2)) / D
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+
+
+def test_state_is_per_branch_detached_float64():
+    D = 6
+    a, b = corinfomax.CorInfoMaxLoss(D), corinfomax.CorInfoMaxLoss(D)
+    z1 = unit_rows(20, D, 1, torch.float32).requires_grad_()
+    a(z1, unit_rows(20, D, 2, torch.float32))
+    b(z1, unit_rows(20, D, 3, torch.float32))   # only z2 differs
+    torch.testing.assert_close(a.R1, b.R1, rtol=0, atol=0)
+    torch.testing.assert_close(a.mu1, b.mu1, rtol=0, atol=0)
+    assert not torch.equal(a.R2, b.R2)
+    for t in (a.R1, a.R2, a.mu1, a.mu2):
+        assert t.dtype == torch.float64 and t.grad_fn is None
+
+
+def test_float32_input_close_to_float64():
+    D = 8   # aligned views, as in training (spec 2.4: < 1e-6 absolute)
+    z1 = unit_rows(32, D, 1)
+    z2 = F.normalize(z1 + 0.05 * unit_rows(32, D, 2), dim=1)
+    l64, _ = corinfomax.CorInfoMaxLoss(D)(z1, z2)
+    l32, _ = corinfomax.CorInfoMaxLoss(D)(z1.float(), z2.float())
+    assert l32.dtype == torch.float64
+    assert abs(l32.item() - l64.item()) < 1e-6
+
+
+def test_each_call_advances_the_state():
+    """Spec 10.7 documents the hazard: a second call (even for logging) moves the state again."""
+    D = 4
+    loss_fn = corinfomax.CorInfoMaxLoss(D, la_R=0.5)
+    z1, z2 = unit_rows(16, D, 1), unit_rows(16, D, 2)
+    with torch.no_grad():
+        loss_fn(z1, z2)
+        once = loss_fn.R1.clone()
+        loss_fn(z1, z2)
+    assert not torch.allclose(once, loss_fn.R1)
+
+
+def test_no_gradient_into_previous_batches():
+    D = 5
+    loss_fn = corinfomax.CorInfoMaxLoss(D, la_R=0.5, la_mu=0.5)
+    old = unit_rows(12, D, 1).requires_grad_()
+    loss_fn(old, unit_rows(12, D, 2))
+    loss, _ = loss_fn(unit_rows(12, D, 3).requires_grad_(), unit_rows(12, D, 4))
+    loss.backward()
+    assert old.grad is None
+
+
+def test_loss_trains_free_embeddings_without_collapse():
+    """Spec 10.11, on free parameters: loss falls, views align, the spectrum of R1 stays spread."""
+    torch.manual_seed(0)
+    N, D = 64, 8
+    base = torch.randn(N, D, requires_grad=True)
+    loss_fn = corinfomax.CorInfoMaxLoss(D, alpha=50.0)
+    opt = torch.optim.SGD([base], lr=0.5)
+    first = None
+    for _ in range(200):
+        z1 = F.normalize(base + 0.3 * torch.randn(N, D), dim=1)
+        z2 = F.normalize(base + 0.3 * torch.randn(N, D), dim=1)
+        loss, logs = loss_fn(z1, z2)
+        first = first if first is not None else logs["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert logs["loss"] < first - 0.5
+    eig = torch.linalg.eigvalsh(loss_fn.R1)
+    assert eig.min() > 0.2 * eig.max()   # spread over all D directions, not collapsed
+
+
+# ============================================================================================
+# Schedule, networks, sampler, data
+# ============================================================================================
+
+def test_lr_schedule_matches_spec():
+    cfg = argparse.Namespace(lr=0.5, min_lr=1e-6, warmup_epochs=10, epochs=1000, lr_per_step=False)
+    assert corinfomax.lr_at(cfg, 0) == pytest.approx(3e-3)              # epoch 1
+    assert corinfomax.lr_at(cfg, 9) == pytest.approx(0.5)               # epoch W
+    assert corinfomax.lr_at(cfg, 10) == pytest.approx(0.5)              # epoch W + 1
+    assert corinfomax.lr_at(cfg, 4) == pytest.approx(3e-3 + 4 * (0.5 - 3e-3) / 9)
+    k = 500
+    want = 1e-6 + (0.5 - 1e-6) * (1 + math.cos(math.pi * (k - 10) / 990)) / 2
+    assert corinfomax.lr_at(cfg, k) == pytest.approx(want)
+    assert corinfomax.lr_at(cfg, 999) == pytest.approx(1e-6, abs=2e-6)  # approaches min_lr
+    assert corinfomax.lr_at(cfg, 20, 0.9) == corinfomax.lr_at(cfg, 20)  # constant within an epoch
+    cfg.lr_per_step = True
+    assert corinfomax.lr_at(cfg, 20, 0.5) == pytest.approx(corinfomax.lr_at(cfg, 20.5))
+
+
+def make_cfg(**kw):
+    cfg = corinfomax.parse_args(["--cpu"] + [str(a) for a in TINY])
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_model_architecture():
+    cfg = make_cfg(projector="32-16-8")
+    m = corinfomax.Model(cfg)
+    assert isinstance(m.backbone.maxpool, nn.Identity) and m.backbone.conv1.kernel_size == (3, 3)
+    assert m.backbone.conv1.stride == (1, 1)
+    lin = [l for l in m.projector if isinstance(l, nn.Linear)]
+    assert [(l.in_features, l.out_features, l.bias is not None) for l in lin] == \
+        [(512, 32, True), (32, 16, True), (16, 8, False)]
+    assert not any(isinstance(l, nn.BatchNorm1d) for l in m.projector)
+    z = m(torch.randn(3, 3, 16, 16))
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(3))
+    # zero_init_residual: the last BN of every block starts at zero.
+    assert all(blk.bn2.weight.abs().sum() == 0 for layer in (m.backbone.layer1, m.backbone.layer4) for blk in layer)
+    imnet = corinfomax.Model(make_cfg(arch="resnet50", stem="imagenet", projector="64-64-32", proj_bn=True))
+    assert sum(isinstance(l, nn.BatchNorm1d) for l in imnet.projector) == 2
+    # ImageNet stem: the backbone loads into torchvision's ResNet-50 with only fc missing.
+    missing = torchvision.models.resnet50().load_state_dict(imnet.backbone.state_dict(), strict=False)
+    assert sorted(missing.missing_keys) == ["fc.bias", "fc.weight"] and not missing.unexpected_keys
+
+
+def test_presets_match_spec_table():
+    def cfg(name):
+        return corinfomax.parse_args(["--data", name, "--cpu", "--gpus", "1"])
+    c = cfg("cifar10")
+    assert (c.alpha, c.la_R, c.la_mu, c.lr, c.batch_size, c.epochs, c.projector, c.eps) == \
+        (250.0, 0.01, 0.01, 0.5, 512, 1000, "2048-2048-64", 1e-8)
+    c = cfg("imagenet")
+    assert (c.arch, c.alpha, c.la_R, c.lr, c.batch_size, c.projector, c.proj_bn, c.probe_lr) == \
+        ("resnet50", 2000.0, 0.1, 0.2, 1536, "8192-8192-512", True, 25.0)
+    c = cfg("tiny-imagenet")
+    assert (c.arch, c.stem, c.image_size, c.alpha, c.la_R) == ("resnet50", "imagenet", 64, 500.0, 0.1)
+    c = corinfomax.parse_args(["--data", "cifar100", "--alpha", "3", "--cpu"])
+    assert (c.alpha, c.projector) == (3.0, "4096-4096-128")
+
+
+def test_sampler_global_batches_do_not_depend_on_world_size():
+    single = list(common.GlobalBatchSampler(50, 12, seed=3))
+    split = [list(common.GlobalBatchSampler(50, 12, r, 3, seed=3)) for r in range(3)]
+    assert len(single) == 4  # drop_last
+    for b, batch in enumerate(single):
+        assert batch == split[0][b] + split[1][b] + split[2][b]
+    s = common.GlobalBatchSampler(50, 12, seed=3)
+    s.set_epoch(0, start_batch=2)
+    assert list(s) == single[2:]
+    s.set_epoch(1)
+    assert list(s) != single
+    with pytest.raises(common.UsageError):
+        common.GlobalBatchSampler(50, 12, 0, 5)
+
+
+def test_views_are_seeded_per_item():
+    cfg = make_cfg()
+    base = corinfomax.TensorImages(*common.make_synthetic(4, 16))
+    ds = corinfomax.Views(base, corinfomax.pretrain_views(cfg))
+    (a1, a2), y = ds[(1, 123)]
+    torch.manual_seed(999)    # the global RNG does not matter
+    (b1, b2), _ = ds[(1, 123)]
+    assert torch.equal(a1, b1) and torch.equal(a2, b2) and y == int(base.targets[1])
+    (c1, _), _ = ds[(1, 124)]
+    assert not torch.equal(a1, c1)
+    assert a1.shape == (3, 16, 16) and a1.dtype == torch.float32
+
+
+def test_synthetic_is_deterministic_and_balanced():
+    x, y = common.make_synthetic(200, 20, seed=4)
+    x2, y2 = common.make_synthetic(200, 20, seed=4)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert x.shape == (200, 3, 20, 20) and x.dtype == torch.uint8
+    assert torch.bincount(y).tolist() == [20] * 10
+    # Classes differ in shape, not colour: per-class mean colours are close to each other.
+    means = torch.stack([x[y == c].float().mean((0, 2, 3)) for c in range(10)])
+    assert (means.max(0).values - means.min(0).values).max() < 40
+
+
+def write_idx(path, arr):
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 7), ("t10k", 3)):
+        x, y = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", x)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", y)
+    xs, ys = common.read_fashion_mnist(str(tmp_path), train=False)
+    assert xs.shape == (3, 1, 28, 28) and torch.equal(xs[:, 0], torch.from_numpy(x.astype(np.uint8)))
+    assert ys.tolist() == y.tolist()
+    cfg = make_cfg(data="fashionmnist", data_dir=str(tmp_path), image_size=28)
+    train, probe, test, classes = corinfomax.load_datasets(cfg)
+    assert len(train) == 7 and len(test) == 3 and classes == 10
+    assert train[0][0].shape == (3, 28, 28)    # grey repeated to three channels
+    with pytest.raises(common.UsageError, match="dataset-fashion-mnist"):
+        corinfomax.load_datasets(make_cfg(data="fashionmnist", data_dir=str(tmp_path / "nope")))
+
+
+def test_cifar_readers(tmp_path):
+    rng = np.random.default_rng(1)
+    c10 = tmp_path / "cifar-10-batches-py"
+    c10.mkdir()
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = (rng.integers(0, 256, (4, 3072)).astype(np.uint8), rng.integers(0, 10, 4).tolist())
+        with open(c10 / name, "wb") as f:
+            pickle.dump({b"data": batches[name][0], b"labels": batches[name][1]}, f)
+    x, y = common.read_cifar(str(tmp_path), 10, train=True)
+    assert x.shape == (20, 3, 32, 32) and y.tolist() == sum((batches[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    assert torch.equal(x[4].flatten(), torch.from_numpy(batches["data_batch_2"][0][0]))
+    c100 = tmp_path / "cifar-100-python"
+    c100.mkdir()
+    for name in ("train", "test"):
+        with open(c100 / name, "wb") as f:
+            pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [5, 99]}, f)
+    train, _, test, classes = corinfomax.load_datasets(make_cfg(data="cifar100", data_dir=str(tmp_path)))
+    assert classes == 100 and len(train) == 2 and test.targets.tolist() == [5, 99]
+
+
+def test_stl10_reader(tmp_path):
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    x = np.random.default_rng(2).integers(0, 256, (3, 3, 96, 96)).astype(np.uint8)
+    for split in ("train", "test", "unlabeled"):
+        x.transpose(0, 1, 3, 2).tofile(folder / f"{split}_X.bin")   # STL stores columns first
+    np.array([1, 10, 3], np.uint8).tofile(folder / "train_y.bin")
+    np.array([2, 2, 2], np.uint8).tofile(folder / "test_y.bin")
+    xs, ys = common.read_stl10(str(tmp_path), "train")
+    assert torch.equal(xs, torch.from_numpy(x)) and ys.tolist() == [0, 9, 2]
+    pre, probe, test, classes = corinfomax.load_datasets(make_cfg(data="stl10", data_dir=str(tmp_path)))
+    assert len(pre) == 6 and len(probe) == 3 and classes == 10
+
+
+# ============================================================================================
+# Two processes (gloo) equal one process on the same global batch (spec 2.5, 10.10)
+# ============================================================================================
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 6))
+
+
+class _Normalised(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _tiny_model()
+
+    def forward(self, x):
+        return F.normalize(self.net(x), dim=1)
+
+
+def _distributed_run(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    N, D = 8, 5
+    per = N // world
+    loss_fn = corinfomax.CorInfoMaxLoss(D, alpha=4.0, la_R=0.3, la_mu=0.2)
+    result = {}
+    for step in range(2):
+        z1 = unit_rows(N, D, 100 + step)[rank * per:(rank + 1) * per].clone().requires_grad_()
+        z2 = unit_rows(N, D, 200 + step)[rank * per:(rank + 1) * per].clone().requires_grad_()
+        loss, _ = loss_fn(common.gather_with_grad(z1), common.gather_with_grad(z2))
+        loss.backward()
+        # Each rank's gradient is world x dL/dz (DDP divides parameter gradients by world).
+        result[f"loss{step}"], result[f"g1_{step}"], result[f"g2_{step}"] = \
+            loss.detach(), z1.grad / world, z2.grad / world
+    result["state"] = [t.clone() for t in (loss_fn.R1, loss_fn.R2, loss_fn.mu1, loss_fn.mu2)]
+    # One full training step through the script's own train_step, DDP-wrapped when world > 1.
+    model = _Normalised()
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    cfg = argparse.Namespace(amp="off", use_cuda=False)
+    x = torch.randn(2, N, 12, generator=torch.Generator().manual_seed(5))
+    crit = corinfomax.CorInfoMaxLoss(6, alpha=4.0)
+    corinfomax.train_step(ddp, crit, opt, torch.amp.GradScaler(enabled=False),
+                          x[0, rank * per:(rank + 1) * per], x[1, rank * per:(rank + 1) * per], cfg)
+    result["params"] = [p.detach().clone() for p in model.parameters()]
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one(tmp_path):
+    _distributed_run(0, 1, 0, str(tmp_path))
+    os.rename(tmp_path / "rank0.pt", tmp_path / "single.pt")
+    mp.spawn(_distributed_run, args=(2, common.free_port(), str(tmp_path)), nprocs=2)
+    single = torch.load(tmp_path / "single.pt")
+    N = 8
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        rows = slice(rank * N // 2, (rank + 1) * N // 2)
+        for step in range(2):
+            torch.testing.assert_close(got[f"loss{step}"], single[f"loss{step}"], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got[f"g1_{step}"], single[f"g1_{step}"][rows], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got[f"g2_{step}"], single[f"g2_{step}"][rows], rtol=1e-10, atol=1e-12)
+        for a, b in zip(got["state"], single["state"]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        for a, b in zip(got["params"], single["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ============================================================================================
+# The script, run as a user runs it
+# ============================================================================================
+
+def test_demo_run_writes_outputs_and_exports_a_torchvision_backbone(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script(*TINY, "--max-steps", 3, "--probe", "cached", "--probe-epochs", 2,
+                      "--knn-every", 1, "--epochs", 1, "--output-dir", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cached-feature probe" in proc.stdout and "random_init backbone" in proc.stdout
+    records = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    start = records[0]
+    assert start["event"] == "start" and start["world_size"] == 1
+    assert start["config"]["alpha"] == 250.0 and "torch" in start["versions"] and start["argv"]
+    assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3]
+    assert any(r["event"] == "probe" and "top1" in r["trained"] for r in records)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["criterion"]["R1"].dtype == torch.float64
+    # The export loads into torchvision's ResNet-18 (with the same CIFAR stem), nothing left over.
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool, net.fc = nn.Identity(), nn.Identity()
+    net.load_state_dict(torch.load(out / "backbone.pt", weights_only=True), strict=True)
+
+
+def _final_state(folder):
+    ckpt = torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=True)
+    return ckpt["step"], ckpt["model"], ckpt["criterion"], ckpt["optimizer"]["state"]
+
+
+def test_resume_is_exact(tmp_path):
+    """Stopped after 2 steps and resumed to 6 (across an epoch boundary) == 6 steps in one go."""
+    straight = run_script(*TINY, "--max-steps", 6, "--output-dir", tmp_path / "a")
+    assert straight.returncode == 0, straight.stderr
+    first = run_script(*TINY, "--max-steps", 2, "--output-dir", tmp_path / "b")
+    assert first.returncode == 0, first.stderr
+    second = run_script(*TINY, "--max-steps", 6, "--output-dir", tmp_path / "b")
+    assert second.returncode == 0, second.stderr
+    assert "resuming at step 2" in second.stdout
+    (sa, ma, ca, oa), (sb, mb, cb, ob) = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
+    assert sa == sb == 6
+    for group_a, group_b in ((ma, mb), (ca, cb)):
+        assert group_a.keys() == group_b.keys()
+        for k in group_a:
+            assert torch.equal(group_a[k], group_b[k]), k
+    for k in oa:
+        assert torch.equal(oa[k]["momentum_buffer"], ob[k]["momentum_buffer"])
+
+
+def test_gpus_2_on_cpu_and_torchrun_match_single_process_loss(tmp_path):
+    """Two CPU processes (gloo) via --gpus 2 and via torchrun; the first step's loss, computed on
+    the gathered global batch before any update, equals the single-process one."""
+    single = run_script(*TINY, "--max-steps", 1, "--output-dir", tmp_path / "one")
+    two = run_script(*TINY, "--max-steps", 2, "--gpus", 2, "--output-dir", tmp_path / "two")
+    tr = run_script("--standalone", "--nproc-per-node", 2, "corinfomax.py", *TINY, "--max-steps", 2,
+                    "--output-dir", tmp_path / "tr", module="torch.distributed.run")
+    for proc in (single, two, tr):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def first_loss(folder):
+        recs = [json.loads(l) for l in open(folder / "metrics.jsonl")]
+        assert recs[0]["world_size"] == (1 if folder.name == "one" else 2)
+        return next(r["loss"] for r in recs if r["event"] == "train")
+    # Plain BatchNorm on CPU normalises over each process's half batch, so only the loss's own
+    # arithmetic is compared loosely; the exact 2-process equality is test_two_processes_equal_one.
+    assert first_loss(tmp_path / "two") == pytest.approx(first_loss(tmp_path / "tr"), rel=1e-9)
+    assert first_loss(tmp_path / "two") == pytest.approx(first_loss(tmp_path / "one"), rel=0.05)
+    assert (tmp_path / "two" / "backbone.pt").exists() and (tmp_path / "tr" / "checkpoint.pt").exists()
+
+
+def test_image_folder_dataset_runs(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c in ("cat", "dog"):
+            (tmp_path / "ds" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / "ds" / split / c / f"{i}.png")
+    args = TINY[TINY.index("--image-size"):]   # TINY without its --data and synthetic sizes
+    proc = run_script("--data", tmp_path / "ds", "--preset", "imagenet100", *args, "--max-steps", 1, "--probe", "cached",
+                      "--probe-epochs", 1, "--no-baseline", "--output-dir", tmp_path / "out")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cached-feature probe" in proc.stdout
+
+
+# ============================================================================================
+# Bad input: one line, non-zero exit, nothing overwritten
+# ============================================================================================
+
+def test_missing_data_directory(tmp_path):
+    proc = run_script("--data", "cifar10", "--data-dir", tmp_path / "nowhere", "--output-dir", tmp_path / "o")
+    line = assert_one_line_error(proc)
+    assert "CIFAR-10 not found" in line and "--data-dir" in line
+    assert not (tmp_path / "o").exists()
+    proc = run_script("--data", tmp_path / "nofolder", "--output-dir", tmp_path / "o")
+    assert "train/" in assert_one_line_error(proc)
+
+
+def test_batch_size_must_split_across_processes(tmp_path):
+    proc = run_script(*TINY, "--gpus", 3, "--output-dir", tmp_path / "o")
+    assert "does not split" in assert_one_line_error(proc)
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_checkpoint_is_refused_and_kept(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (out / "metrics.jsonl").write_text('{"event": "start"}\n')
+    before = files_snapshot(out)
+    proc = run_script(*TINY, "--output-dir", out)
+    assert "cannot read checkpoint" in assert_one_line_error(proc)
+    assert files_snapshot(out) == before
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    out = tmp_path / "o"
+    # An odd output dimension and eps = -2 make R' + eps I negative definite with a negative
+    # determinant: logdet is NaN at the first resumed step, deterministically.
+    good = run_script(*TINY, "--projector", "64-33", "--max-steps", 2, "--output-dir", out)
+    assert good.returncode == 0, good.stderr
+    ckpt = (out / "checkpoint.pt").read_bytes()
+    proc = run_script(*TINY, "--projector", "64-33", "--eps", -2, "--max-steps", 4, "--output-dir", out)
+    line = assert_one_line_error(proc, code=3)
+    assert "loss is nan at step 3" in line and "checkpoint" in line
+    assert (out / "checkpoint.pt").read_bytes() == ckpt
+
+
+# ============================================================================================
+# The method files share their plumbing sections verbatim (one file = one method, by design)
+# ============================================================================================
+
+BANNERS = ["Config", "Loss", "Networks", "Augmentation", "Data", "Optimisation", "Evaluation",
+           "Training", "Main"]
+# Functions and classes that must be identical in every method file.
+SHARED = ["TensorImages", "Views", "load_datasets", "make_loader", "eval_loader", "autocast", "extract",
+          "topk", "knn_accuracy", "cached_probe", "linear_probe", "feature_dim", "evaluate", "to_device",
+          "config_dict", "format_time", "main"]
+
+
+def _sections(path):
+    text = open(os.path.join(HERE, path)).read()
+    lines = text.splitlines()
+    return [lines[i + 1][2:].strip() for i, l in enumerate(lines[:-1])
+            if l.startswith("# ====") and i + 2 < len(lines) and lines[i + 2].startswith("# ====")]
+
+
+def _definitions(path):
+    src = open(os.path.join(HERE, path)).read()
+    return {n.name: ast.get_source_segment(src, n) for n in ast.parse(src).body
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+
+@pytest.mark.parametrize("path", METHOD_FILES)
+def test_method_file_sections_in_order(path):
+    assert _sections(path) == BANNERS
+    defs = _definitions(path)
+    missing = [name for name in SHARED if name not in defs]
+    assert not missing, missing
+
+
+def test_shared_sections_identical_across_method_files():
+    reference = _definitions(METHOD_FILES[0])
+    for path in METHOD_FILES[1:]:
+        defs = _definitions(path)
+        for name in SHARED:
+            assert defs[name] == reference[name], f"{name} differs between {METHOD_FILES[0]} and {path}"
