@@ -113,10 +113,6 @@ class Dist:
     def is_main(self):
         return self.rank == 0
 
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
     def close(self):
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -177,13 +173,13 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     `drop_last` is always on: the last incomplete global batch is dropped.
     """
 
-    def __init__(self, n, global_batch, rank=0, world=1, seed=0, shuffle=True):
+    def __init__(self, n, global_batch, rank=0, world=1, seed=0):
         if global_batch % world:
             raise UsageError(f"--batch-size {global_batch} does not split across {world} processes")
         if n < global_batch:
             raise UsageError(f"the dataset has {n} images, fewer than one batch of {global_batch}")
         self.n, self.B, self.rank, self.world = n, global_batch, rank, world
-        self.seed, self.shuffle = seed, shuffle
+        self.seed = seed
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch, start_batch=0):
@@ -193,8 +189,8 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return self.n // self.B - self.start_batch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)   # one per (seed, epoch)
+        order = torch.randperm(self.n, generator=g)
         seeds = torch.randint(0, 2**62, (self.n,), generator=g)
         per_rank = self.B // self.world
         for b in range(self.start_batch, self.n // self.B):
@@ -268,7 +264,7 @@ def load_checkpoint(path):
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"   # Debian's dataset-fashion-mnist
 
 
-def _need(path, what):
+def need(path, what):
     if not os.path.exists(path):
         raise UsageError(f"{what} not found at {path}")
     return path
@@ -287,15 +283,15 @@ def read_idx(path):
 def read_fashion_mnist(root, train):
     """Fashion-MNIST from its four idx .gz files; images come back as 1 x 28 x 28."""
     prefix = "train" if train else "t10k"
-    x = read_idx(_need(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), "Fashion-MNIST"))
-    y = read_idx(_need(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), "Fashion-MNIST"))
+    x = read_idx(need(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), "Fashion-MNIST"))
+    y = read_idx(need(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), "Fashion-MNIST"))
     return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
 
 
 def read_cifar(root, classes, train):
     """CIFAR-10/100 from the python pickle batches (the layout torchvision downloads)."""
-    folder = _need(os.path.join(root, "cifar-10-batches-py" if classes == 10 else "cifar-100-python"),
-                   f"CIFAR-{classes}")
+    folder = need(os.path.join(root, "cifar-10-batches-py" if classes == 10 else "cifar-100-python"),
+                  f"CIFAR-{classes}")
     if classes == 10:
         names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
         key = b"labels"
@@ -303,7 +299,7 @@ def read_cifar(root, classes, train):
         names, key = ["train" if train else "test"], b"fine_labels"
     xs, ys = [], []
     for name in names:
-        with open(_need(os.path.join(folder, name), f"CIFAR-{classes}"), "rb") as f:
+        with open(need(os.path.join(folder, name), f"CIFAR-{classes}"), "rb") as f:
             d = pickle.load(f, encoding="bytes")
         xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(d[key], dtype=np.int64))
@@ -312,8 +308,8 @@ def read_cifar(root, classes, train):
 
 def read_stl10(root, split):
     """STL-10 binary files; split is 'train', 'test' or 'unlabeled' (labels -1)."""
-    folder = _need(os.path.join(root, "stl10_binary"), "STL-10")
-    x = np.fromfile(_need(os.path.join(folder, f"{split}_X.bin"), "STL-10"), dtype=np.uint8)
+    folder = need(os.path.join(root, "stl10_binary"), "STL-10")
+    x = np.fromfile(need(os.path.join(folder, f"{split}_X.bin"), "STL-10"), dtype=np.uint8)
     x = x.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)  # stored column-major per channel
     if split == "unlabeled":
         y = np.full(len(x), -1, dtype=np.int64)
@@ -326,12 +322,13 @@ def download(name, root):
     """Fetch a torchvision dataset into root (only with --download; never in tests)."""
     import torchvision.datasets as tvd
     cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}[name]
-    if name == "stl10":
-        cls(root, split="train+unlabeled", download=True)
-        cls(root, split="test", download=True)
-    else:
-        cls(root, train=True, download=True)
-        cls(root, train=False, download=True)
+    splits = [{"split": "train+unlabeled"}, {"split": "test"}] if name == "stl10" else \
+        [{"train": True}, {"train": False}]
+    try:
+        for split in splits:
+            cls(root, download=True, **split)
+    except Exception as e:   # no network, disk full, a bad archive: all end the run the same way
+        raise UsageError(f"downloading {name} into {root} failed ({type(e).__name__}: {e})") from None
 
 
 # ============================================================================================
@@ -341,8 +338,10 @@ def download(name, root):
 # random period, phase and small rotation, in two random grey levels under a random tint, with a
 # little pixel noise. Brightness, contrast and tint are nuisances shared by all classes; the
 # pattern survives random crops and horizontal flips (no class is the mirror image of another),
-# so the augmentations of the recipe keep the class while changing the nuisances. That is the situation self-supervised learning is built for,
-# and it makes learning visible within minutes of CPU training.
+# so the augmentations of the recipe keep the class while changing the nuisances. That is the
+# situation self-supervised learning is built for, and it makes learning visible within minutes
+# of CPU training. Features of a random network mostly follow the nuisances, so the
+# random-initialisation baseline stays low.
 
 SYNTHETIC_CLASSES = ("h-stripes", "v-stripes", "checker", "dots", "rings", "grid", "cross-hatch",
                      "diamonds", "waves", "blobs")
@@ -359,8 +358,9 @@ def _pattern_masks(size, n, rng):
     centre = rng.uniform(0, size, (n, 2, 1, 1))
     r = np.hypot(xx - centre[:, 0], yy - centre[:, 1]) / period
     # Blobs: a random 4x4 field, bilinearly upsampled, thresholded at zero.
-    field = torch.nn.functional.interpolate(torch.from_numpy(rng.normal(size=(n, 1, 4, 4))), size=(size, size),
-                                            mode="bilinear", align_corners=False)[:, 0].numpy()
+    coarse = torch.from_numpy(rng.normal(size=(n, 1, 4, 4)))
+    field = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear",
+                                            align_corners=False)[:, 0].numpy()
     masks = [fv < 0.5, fu < 0.5, (np.floor(u) + np.floor(v)) % 2 == 0,
              (fu - 0.5) ** 2 + (fv - 0.5) ** 2 < 0.09, r % 1 < 0.5, (fu < 0.3) | (fv < 0.3),
              ((u + v) % 1 < 0.3) | ((u - v) % 1 < 0.3), np.abs(fu - 0.5) + np.abs(fv - 0.5) < 0.3,

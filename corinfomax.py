@@ -3,7 +3,8 @@
 Paper    Serdar Ozsoy, Shadi Hamdan, Sercan O. Arik, Deniz Yuret, Alper T. Erdogan.
          "Self-Supervised Learning with an Information Maximization Criterion", NeurIPS 2022,
          arXiv:2209.07999.
-Official github.com/serdarozsoy/corinfomax-ssl, read at commit c0b917e (c0b917ebbf80ad272f62da398b3f1c05245a89bf).
+Official github.com/serdarozsoy/corinfomax-ssl, read at commit c0b917e
+         (c0b917ebbf80ad272f62da398b3f1c05245a89bf).
 Spec     ../shared/specs/corinfomax.md (our reading of the paper and the official code).
 
 THE IDEA
@@ -57,7 +58,7 @@ DIFFERENCES FROM THE OFFICIAL CODE, AND OUR CHOICES (spec section 9)
        augmentation, standardised, linear head by SGD): fast, not the paper protocol, labelled so.
 
 USAGE
-    python corinfomax.py                                   # CPU demo on synthetic shapes, a few minutes
+    python corinfomax.py                                   # CPU demo on synthetic patterns, a few minutes
     python corinfomax.py --data fashionmnist --epochs 20   # Debian's dataset-fashion-mnist, or --data-dir
     python corinfomax.py --data cifar10 --data-dir data    # 1 GPU, the official CIFAR-10 recipe
     python corinfomax.py --data imagenet --data-dir /ds/imagenet --gpus 8
@@ -73,7 +74,10 @@ RESULTS (linear top-1 %; "paper" = official README; "ours" = measured here, comm
     ImageNet-100   ResNet-18   80.48    not run
     ImageNet-100   ResNet-50   82.64    not run
     ImageNet-1k    ResNet-50   69.08    not run
-    Short CPU runs (synthetic demo, Fashion-MNIST) are in README.md, "Results".
+    Short CPU runs, cached-feature probe top-1 %, trained vs the same ResNet-18 at random init
+    (2-core CPU; commands and budgets in README.md, "Results"):
+    synthetic demo (240 steps)         52.1  vs 30.6
+    Fashion-MNIST (250 steps, 28 px)   84.93 vs 74.64
 """
 import argparse
 import json
@@ -178,7 +182,8 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", dest="batch_size", type=int, help="global batch (all processes)")
     g.add_argument("--lr", type=float, help="base learning rate (no batch/256 scaling)")
     g.add_argument("--min-lr", dest="min_lr", type=float)
-    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=int)
+    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float,
+                   help="W; fractional values only make sense with --lr-per-step")
     g.add_argument("--wd", type=float, help="weight decay")
     g.add_argument("--momentum", type=float)
     g.add_argument("--lr-per-step", dest="lr_per_step", action=argparse.BooleanOptionalAction,
@@ -407,37 +412,38 @@ class Views(torch.utils.data.Dataset):
 def load_datasets(cfg):
     """(pretraining set, probe training set, test set, number of classes) for cfg.data."""
     name = cfg.data if cfg.data in PRESETS else "folder"
-    root = cfg.data_dir or ("" if name in ("synthetic", "fashionmnist") else "data")
     if cfg.download and name in ("cifar10", "cifar100", "stl10"):
-        common.download(name, root)
+        common.download(name, cfg.data_dir or "data")
+    try:
+        return read_dataset(name, cfg)
+    except UsageError as e:
+        hint = {"fashionmnist": "pass --data-dir DIR with its idx .gz files, or apt-get install "
+                                "dataset-fashion-mnist",
+                "folder": "pass --data-dir DIR holding train/ and val/ class folders"}
+        raise UsageError(f"{e}; {hint.get(name, 'pass --data-dir DIR or --download')}") from None
+
+
+def read_dataset(name, cfg):
     if name == "synthetic":
-        train = TensorImages(*common.make_synthetic(cfg.synthetic_train, cfg.image_size, seed=cfg.seed))
-        test = TensorImages(*common.make_synthetic(cfg.synthetic_test, cfg.image_size, seed=cfg.seed + 1))
+        train, test = (TensorImages(*common.make_synthetic(n, cfg.image_size, seed=cfg.seed + i))
+                       for i, n in enumerate((cfg.synthetic_train, cfg.synthetic_test)))
         return train, train, test, len(common.SYNTHETIC_CLASSES)
     if name == "fashionmnist":
-        root = root or common.FASHION_MNIST_SYSTEM_DIR
-        hint = "; pass --data-dir DIR with its idx .gz files, or apt-get install dataset-fashion-mnist"
-        try:
-            train, test = (TensorImages(*common.read_fashion_mnist(root, t)) for t in (True, False))
-        except UsageError as e:
-            raise UsageError(f"{e}{hint}") from None
+        root = cfg.data_dir or common.FASHION_MNIST_SYSTEM_DIR
+        train, test = (TensorImages(*common.read_fashion_mnist(root, t)) for t in (True, False))
         return train, train, test, 10
-    hint = "; pass --data-dir DIR" + (" or --download" if name != "folder" else "")
-    try:
-        if name in ("cifar10", "cifar100"):
-            classes = int(name[5:])
-            train, test = (TensorImages(*common.read_cifar(root, classes, t)) for t in (True, False))
-            return train, train, test, classes
-        if name == "stl10":
-            labelled, test = (TensorImages(*common.read_stl10(root, s)) for s in ("train", "test"))
-            unlabelled = TensorImages(*common.read_stl10(root, "unlabeled"))
-            return torch.utils.data.ConcatDataset([labelled, unlabelled]), labelled, test, 10
-        for split in ("train", "val"):
-            common._need(os.path.join(root, split), f"image folder '{split}/'")
-        train, test = (torchvision.datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "val"))
-        return train, train, test, len(train.classes)
-    except UsageError as e:
-        raise UsageError(f"{e}{hint}") from None
+    root = cfg.data_dir or "data"
+    if name in ("cifar10", "cifar100"):
+        classes = int(name[5:])
+        train, test = (TensorImages(*common.read_cifar(root, classes, t)) for t in (True, False))
+        return train, train, test, classes
+    if name == "stl10":   # pretraining on train + unlabeled, probing on train
+        labelled, test, unlabelled = (TensorImages(*common.read_stl10(root, s))
+                                      for s in ("train", "test", "unlabeled"))
+        return torch.utils.data.ConcatDataset([labelled, unlabelled]), labelled, test, 10
+    folders = [common.need(os.path.join(root, s), f"image folder '{s}/'") for s in ("train", "val")]
+    train, test = (torchvision.datasets.ImageFolder(f) for f in folders)
+    return train, train, test, len(train.classes)
 
 
 def make_loader(dataset, batch_sampler, cfg):
@@ -464,13 +470,14 @@ def make_optimizer(model, cfg):
 def lr_at(cfg, epoch, frac=0.0):
     """Official schedule (spec 6): linear warm-up from 3e-3 over W epochs, then cosine to min_lr.
 
-    `epoch` is 0-based (k = e - 1 in the spec); `frac` in [0, 1) is the position within the
-    epoch and is used only with --lr-per-step (the official schedule is constant per epoch).
+    `epoch` is 0-based (k = e - 1 in the spec). The official schedule is constant within an
+    epoch and reaches the base LR at epoch W (k = W - 1). With --lr-per-step, k also counts the
+    fraction `frac` of the epoch done and the warm-up reaches the base LR at k = W.
     """
     k = epoch + (frac if cfg.lr_per_step else 0.0)
     W, E, base = cfg.warmup_epochs, cfg.epochs, cfg.lr
     if k < W:
-        return 3e-3 + k * (base - 3e-3) / max(W - 1, 1)
+        return 3e-3 + k * (base - 3e-3) / (W if cfg.lr_per_step else max(W - 1, 1))
     return cfg.min_lr + (base - cfg.min_lr) * (1 + math.cos(math.pi * (k - W) / max(E - W, 1))) / 2
 
 
@@ -656,8 +663,8 @@ def train(cfg):
     """Pretrain, checkpoint, export the backbone and evaluate (runs in every process)."""
     d = common.Dist(cfg.use_cuda)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
-    if cfg.workers is None:
-        cfg.workers = min(8, (os.cpu_count() or 1) // d.local_world) if cfg.use_cuda else 1
+    if cfg.workers is None:   # on CPU, loader workers compete with the training threads for cores
+        cfg.workers = min(8, (os.cpu_count() or 1) // d.local_world) if cfg.use_cuda else 0
     data = load_datasets(cfg)
     sampler = common.GlobalBatchSampler(len(data[0]), cfg.batch_size, d.rank, d.world, seed=cfg.seed)
     loader = make_loader(Views(data[0], pretrain_views(cfg)), sampler, cfg)
@@ -732,7 +739,8 @@ def finish(model, data, cfg, d, log):
         common.atomic_save(model.backbone.state_dict(), os.path.join(cfg.output_dir, "backbone.pt"))
     if cfg.probe == "none":
         return
-    label = "linear probe (paper protocol)" if cfg.probe == "linear" else "cached-feature probe (fast, no aug)"
+    label = {"linear": "linear probe (paper protocol)",
+             "cached": "cached-feature probe (fast, no aug)"}[cfg.probe]
     results = {"trained": evaluate(model.backbone, data, cfg, d, log, cfg.probe)}
     if cfg.baseline:
         random_model, *_ = build(cfg, d)
@@ -758,7 +766,7 @@ def format_time(seconds):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    common.launch(train, cfg, 1 if "RANK" in os.environ else cfg.gpus, PROG)
+    common.launch(train, cfg, cfg.gpus, PROG)
 
 
 if __name__ == "__main__":

@@ -239,6 +239,10 @@ def test_lr_schedule_matches_spec():
     assert corinfomax.lr_at(cfg, 20, 0.9) == corinfomax.lr_at(cfg, 20)  # constant within an epoch
     cfg.lr_per_step = True
     assert corinfomax.lr_at(cfg, 20, 0.5) == pytest.approx(corinfomax.lr_at(cfg, 20.5))
+    assert corinfomax.lr_at(cfg, 5, 0.0) == pytest.approx(3e-3 + 0.5 * (0.5 - 3e-3))
+    cfg.warmup_epochs = 0.25                         # fractional warm-up, per step
+    assert corinfomax.lr_at(cfg, 0, 0.125) == pytest.approx(3e-3 + 0.5 * (0.5 - 3e-3))
+    assert corinfomax.lr_at(cfg, 0, 0.25) == pytest.approx(0.5)
 
 
 def make_cfg(**kw):
@@ -260,7 +264,8 @@ def test_model_architecture():
     z = m(torch.randn(3, 3, 16, 16))
     torch.testing.assert_close(z.norm(dim=1), torch.ones(3))
     # zero_init_residual: the last BN of every block starts at zero.
-    assert all(blk.bn2.weight.abs().sum() == 0 for layer in (m.backbone.layer1, m.backbone.layer4) for blk in layer)
+    blocks = [blk for layer in (m.backbone.layer1, m.backbone.layer4) for blk in layer]
+    assert all(blk.bn2.weight.abs().sum() == 0 for blk in blocks)
     imnet = corinfomax.Model(make_cfg(arch="resnet50", stem="imagenet", projector="64-64-32", proj_bn=True))
     assert sum(isinstance(l, nn.BatchNorm1d) for l in imnet.projector) == 2
     # ImageNet stem: the backbone loads into torchvision's ResNet-50 with only fc missing.
@@ -355,7 +360,8 @@ def test_cifar_readers(tmp_path):
         with open(c10 / name, "wb") as f:
             pickle.dump({b"data": batches[name][0], b"labels": batches[name][1]}, f)
     x, y = common.read_cifar(str(tmp_path), 10, train=True)
-    assert x.shape == (20, 3, 32, 32) and y.tolist() == sum((batches[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    assert x.shape == (20, 3, 32, 32)
+    assert y.tolist() == sum((batches[f"data_batch_{i}"][1] for i in range(1, 6)), [])
     assert torch.equal(x[4].flatten(), torch.from_numpy(batches["data_batch_2"][0][0]))
     c100 = tmp_path / "cifar-100-python"
     c100.mkdir()
@@ -530,8 +536,9 @@ def test_image_folder_dataset_runs(tmp_path):
                 Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
                     tmp_path / "ds" / split / c / f"{i}.png")
     args = TINY[TINY.index("--image-size"):]   # TINY without its --data and synthetic sizes
-    proc = run_script("--data", tmp_path / "ds", "--preset", "imagenet100", *args, "--max-steps", 1, "--probe", "cached",
-                      "--probe-epochs", 1, "--no-baseline", "--output-dir", tmp_path / "out")
+    proc = run_script("--data", tmp_path / "ds", "--preset", "imagenet100", *args, "--max-steps", 1,
+                      "--probe", "cached", "--probe-epochs", 1, "--no-baseline",
+                      "--output-dir", tmp_path / "out")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cached-feature probe" in proc.stdout
 
@@ -586,9 +593,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
 BANNERS = ["Config", "Loss", "Networks", "Augmentation", "Data", "Optimisation", "Evaluation",
            "Training", "Main"]
 # Functions and classes that must be identical in every method file.
-SHARED = ["TensorImages", "Views", "load_datasets", "make_loader", "eval_loader", "autocast", "extract",
-          "topk", "knn_accuracy", "cached_probe", "linear_probe", "feature_dim", "evaluate", "to_device",
-          "config_dict", "format_time", "main"]
+SHARED = ["TensorImages", "Views", "load_datasets", "read_dataset", "make_loader", "eval_loader",
+          "autocast", "extract", "topk", "knn_accuracy", "cached_probe", "linear_probe", "feature_dim",
+          "evaluate", "to_device", "config_dict", "format_time", "main"]
 
 
 def _sections(path):
