@@ -223,12 +223,17 @@ def resolve(cfg):
             setattr(cfg, k, v)
     cfg.use_cuda = torch.cuda.is_available() and not cfg.cpu
     cfg.amp = cfg.amp or ("bf16" if cfg.use_cuda else "off")
-    cfg.output_dir = cfg.output_dir or os.path.join("runs", f"corinfomax-{cfg.preset}")
+    cfg.output_dir = cfg.output_dir or os.path.join("runs", f"{PROG.removesuffix('.py')}-{cfg.preset}")
     if cfg.gpus < 1 or cfg.batch_size % cfg.gpus:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly across --gpus {cfg.gpus}")
     if cfg.use_cuda and cfg.gpus > torch.cuda.device_count():
         raise UsageError(f"--gpus {cfg.gpus} but only {torch.cuda.device_count()} CUDA devices")
     return cfg
+
+
+def out_dim(cfg):
+    """D, the projector's output dimension."""
+    return int(cfg.projector.split("-")[-1])
 
 
 # ============================================================================================
@@ -280,6 +285,11 @@ class CorInfoMaxLoss(nn.Module):
         return loss, dict(zip(("loss", "cov_loss", "sim_loss", "logdet1", "logdet2"), values))
 
 
+def make_criterion(cfg):
+    """The training loss as configured (called once per run; the module holds the state)."""
+    return CorInfoMaxLoss(out_dim(cfg), cfg.alpha, cfg.la_R, cfg.la_mu, cfg.R_ini, cfg.eps, cfg.center_with)
+
+
 # ============================================================================================
 # Networks
 # ============================================================================================
@@ -321,10 +331,6 @@ class Model(nn.Module):
     def forward(self, x):
         z = self.projector(self.backbone(x))
         return F.normalize(z, dim=1, eps=1e-12) if self.normalize else z
-
-
-def out_dim(cfg):
-    return int(cfg.projector.split("-")[-1])
 
 
 # ============================================================================================
@@ -614,8 +620,7 @@ def build(cfg, d):
         model = model.to(memory_format=torch.channels_last)
         if d.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    criterion = CorInfoMaxLoss(out_dim(cfg), cfg.alpha, cfg.la_R, cfg.la_mu, cfg.R_ini, cfg.eps,
-                               cfg.center_with).to(d.device)
+    criterion = make_criterion(cfg).to(d.device)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(enabled=cfg.amp == "fp16")
     return model, criterion, optimizer, scaler
@@ -704,8 +709,8 @@ def train(cfg):
             step, images = step + 1, images + cfg.batch_size
             if step % cfg.log_every == 0 or step == total:
                 rate = images / (time.time() - t_last)
-                log.print(f"ep {epoch + 1}/{cfg.epochs} step {step}/{total} loss {logs['loss']:.4f} "
-                          f"cov {logs['cov_loss']:.4f} sim {logs['sim_loss']:.5f} "
+                parts = " ".join(f"{k} {v:.5g}" for k, v in logs.items())
+                log.print(f"ep {epoch + 1}/{cfg.epochs} step {step}/{total} {parts} "
                           f"lr {optimizer.param_groups[0]['lr']:.4g} {rate:.1f} img/s "
                           f"ETA {format_time((total - step) * cfg.batch_size / rate)}")
                 log.record(event="train", epoch=epoch + 1, step=step, lr=optimizer.param_groups[0]["lr"],

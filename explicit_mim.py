@@ -1,0 +1,815 @@
+"""Explicit MIM: self-supervised learning by explicit mutual-information maximisation.
+
+Paper    Lele Chang, Peilin Liu, Qinghai Guo, Fei Wen. "Explicit Mutual Information Maximization
+         for Self-Supervised Learning", arXiv:2409.04747 (preprint, v3 September 2024).
+Official no code published. The closest executable relative is CorInfoMax's repository
+         (github.com/serdarozsoy/corinfomax-ssl @ c0b917e); its unused `LDMILoss` computes the same
+         objective up to scale. Nothing here is copied from it.
+Spec     ../shared/specs/explicit_mim.md (our reading of the paper).
+
+WHAT WAS AVAILABLE, AND WHAT THAT MEANS FOR THIS FILE
+    The paper's body (equations, tables, architecture, hyperparameters) was NOT available to
+    the project: only the abstract, the first introduction paragraphs and the supplement's
+    outline and prose without formulas. So:
+    READ     two views through one weight-sharing network; maximise the MI between them; MI is
+             invariant under homeomorphisms, so under a generic (e.g. generalised Gaussian)
+             assumption it can be computed explicitly, from second-order statistics only.
+    DERIVED  the loss below (Theorem 1 with batch covariances; verified algebraically and
+             numerically: it equals CorInfoMax's un-approximated log-determinant MI), its
+             Schur / canonical-correlation forms, its affine invariance, its gradient, and the
+             need for a global batch N >= 2D + 1.
+    CHOSEN   everything else: normaliser, eps, batch (not running) estimates, loss scale,
+             normalisation, architecture, augmentations, optimisation and evaluation, all
+             borrowed from CorInfoMax's published protocol (the closest relative). No Explicit
+             MIM number has been published that we could read; there is nothing to reproduce.
+
+THE IDEA
+    Embed two augmented views z1, z2 (N x D, L2-normalised rows). If the views were jointly
+    Gaussian, I(z1; z2) = 1/2 log(det S1 det S2 / det S) with S1, S2 their covariances and S the
+    covariance of [z1, z2] (Theorem 1); the network can absorb the invertible map that makes them
+    so. Maximising it spreads each view over all D directions (the marginal log-dets) while
+    making one view linearly predictable from the other (the joint log-det).
+
+EQUATION MAP ([derived] unless marked)
+    centring          a = z1 - mean(z1), b = z2 - mean(z2), j = [a b]        batch_mi, spec 3.1
+    covariances       S1 = a^T a / N, S2 = b^T b / N, S = j^T j / N (2D x 2D)  batch_mi
+    MI (Theorem 1)    I = 1/2 [logdet(S1 + eps I) + logdet(S2 + eps I) - logdet(S + eps I)]   mi_terms
+    loss              L = -I (nats)                                           explicit_mim_loss
+    training scale    (2/D) L, CorInfoMax's per-D log-det scale [choice A6]    ExplicitMIMLoss
+    GGD constant      c(beta, D) of Theorem 2: no gradient, omitted [A7]
+    running variant   CorInfoMax-style EMA of the mean and joint covariance [choice A4]  ExplicitMIMLoss
+
+PROJECT CHOICES (spec section 7; each one flag away)
+    A1 pure -MI: L = -1/2 (ld1 + ld2 - w ld_joint) + lambda mean((z1 - z2)^2), w = 1, lambda = 0
+       (`--joint-weight`, `--mse-weight`).
+    A2 eps = 1e-8 on S1, S2 and S (`--eps`); 1e-3 in our short presets (synthetic, fashionmnist).
+       Why: with eps = 1e-8 the joint log-det rewards exact linear alignment of the views by up
+       to log(1/eps) per dimension, and in our synthetic demo the network bought that alignment
+       by discarding information (MI 59 nats, logdet_joint -315, probe 13.1 % against 30.4 % at
+       random init). Demo probe top-1 by eps: 1e-8 13.1, 1e-3 34.8, 1e-2 30.4 (one run each).
+    A3 normaliser 1/N (`--cov-denom N-1`; it cancels when eps = 0).
+    A4 batch estimates (`--cov-estimator ema` with `--la-R`, `--la-mu`, `--R-ini`).
+    A5 row L2 normalisation in the model, which bounds the scale (`--no-normalize`).
+    A6 training objective (2/D) * (-I) so CorInfoMax's LRs carry over (`--loss-scale {2/D,1/D,1}`).
+    A8 CorInfoMax's projectors, keeping N >= 2D + 1; smaller D in our short presets.
+    A9 covariances and log-dets in float64, outside autocast.
+    The global batch must satisfy N >= 2D + 1 (else S is singular even for independent views and
+    the eps floor dominates the MI); the script refuses it unless `--allow-singular`.
+    Everything the two files share is as in corinfomax.py: its header lists those choices
+    (GlobalBatchSampler, 13-tap blur, per-step schedule and milder crops/blur of our short
+    presets, cached-feature probe, weight decay on all parameters, last and best probe top-1).
+
+USAGE
+    python explicit_mim.py                                   # CPU demo on synthetic patterns
+    python explicit_mim.py --data fashionmnist --epochs 20   # Debian's dataset-fashion-mnist
+    python explicit_mim.py --data cifar10 --data-dir data    # 1 GPU, CorInfoMax's CIFAR-10 recipe
+    python explicit_mim.py --data imagenet --data-dir /ds/imagenet --gpus 8
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        explicit_mim.py --data imagenet --data-dir /ds/imagenet     # two nodes
+    Every run resumes automatically from --output-dir. `--help` lists every flag.
+
+RESULTS (linear top-1 %; the paper's numbers were not available; none run here on a GPU yet)
+    CIFAR-10 / CIFAR-100 / Tiny ImageNet / ImageNet-100 / ImageNet-1k: not run.
+    Short CPU runs are in README.md, "Results".
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+import common
+from common import UsageError
+
+PROG = "explicit_mim.py"
+
+# ============================================================================================
+# Config
+# ============================================================================================
+# One preset per dataset. The paper's recipe was not available: every preset follows
+# CorInfoMax's published protocol (spec section 5) without its alpha; ImageNet-scale rows are
+# extrapolated. Every value can be overridden by the flag of the same name.
+
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+COMMON = dict(momentum=0.9, wd=1e-4, lr_per_step=False, crop_min_scale=0.08, blur_sigma=2.0, R_ini=1.0,
+              la_R=0.01, la_mu=0.01, eps=1e-8, proj_bn=False, stem="cifar",
+              probe="linear", probe_epochs=100, probe_lr=0.2, probe_schedule="cosine",
+              knn_every=0, baseline=False, image_size=32, arch="resnet18")
+PRESETS = {
+    "cifar10": dict(epochs=1000, batch_size=512, lr=0.5, warmup_epochs=10, min_lr=1e-6,
+                    projector="2048-2048-64", knn_every=10,
+                    norm=((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))),
+    "cifar100": dict(epochs=1000, batch_size=512, lr=0.5, warmup_epochs=10, min_lr=1e-6,
+                     projector="4096-4096-128", knn_every=10,
+                     norm=((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
+    "tiny-imagenet": dict(arch="resnet50", stem="imagenet", image_size=64, epochs=800, batch_size=1024,
+                          lr=0.5, warmup_epochs=10, min_lr=1e-6, projector="4096-4096-128", knn_every=10,
+                          norm=IMAGENET_NORM),
+    "imagenet100": dict(stem="imagenet", image_size=224, epochs=400, batch_size=1024, lr=1.0,
+                        warmup_epochs=10, min_lr=5e-3, projector="4096-4096-128", knn_every=10,
+                        norm=IMAGENET_NORM),
+    "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, epochs=100, batch_size=1536,
+                     lr=0.2, warmup_epochs=10, min_lr=1e-6, projector="8192-8192-512", proj_bn=True,
+                     probe_lr=25.0, probe_schedule="step", knn_every=5, norm=IMAGENET_NORM),
+    # ---- our own presets: small, untuned, labelled so; D kept small so that N >= 2D + 1 ----
+    "stl10": dict(stem="imagenet", image_size=96, epochs=400, batch_size=512, lr=0.5, warmup_epochs=10,
+                  min_lr=1e-6, projector="4096-4096-128", knn_every=10, norm=IMAGENET_NORM),
+    "fashionmnist": dict(image_size=28, epochs=20, batch_size=256, lr=0.5, warmup_epochs=2, min_lr=1e-3,
+                         lr_per_step=True, projector="1024-1024-32", probe="cached", eps=1e-3,
+                         knn_every=5, baseline=True, norm=((0.286,) * 3, (0.353,) * 3)),
+    "synthetic": dict(image_size=16, epochs=4, batch_size=64, lr=0.2, warmup_epochs=1, min_lr=1e-3,
+                      lr_per_step=True, crop_min_scale=0.3, blur_sigma=0.5, eps=1e-3,
+                      projector="512-512-16", probe="cached",
+                      baseline=True, synthetic_train=3840, synthetic_test=1000,
+                      norm=((0.5,) * 3, (0.25,) * 3)),
+}
+OUR_PRESETS = ("stl10", "fashionmnist", "synthetic")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog=PROG, description="Explicit MIM self-supervised pretraining "
+                                "(arXiv:2409.04747). Preset values fill every flag left unset.")
+    a = p.add_argument
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic",
+                   help=f"preset name ({', '.join(PRESETS)}) or a folder with train/ and val/")
+    g.add_argument("--data-dir", help="where the dataset lives (default: ./data; Fashion-MNIST: "
+                   f"{common.FASHION_MNIST_SYSTEM_DIR})")
+    g.add_argument("--preset", help="preset for a folder given as --data (default: imagenet)")
+    g.add_argument("--download", action="store_true", help="download CIFAR/STL with torchvision first")
+    g.add_argument("--workers", type=int, help="data-loader workers per process")
+    g.add_argument("--synthetic-train", dest="synthetic_train", type=int, help="synthetic: training images")
+    g.add_argument("--synthetic-test", dest="synthetic_test", type=int, help="synthetic: test images")
+    g = p.add_argument_group("method (spec section 7: every switch is a project choice)")
+    g.add_argument("--eps", type=float, help="eps on S1, S2 and the joint S (A2)")
+    g.add_argument("--cov-denom", dest="cov_denom", choices=("N", "N-1"), default="N",
+                   help="covariance normaliser (A3)")
+    g.add_argument("--joint-weight", dest="joint_weight", type=float, default=1.0,
+                   help="weight w of logdet(S + eps I); 1 gives the MI (A1)")
+    g.add_argument("--mse-weight", dest="mse_weight", type=float, default=0.0,
+                   help="weight of an extra mean((z1 - z2)^2) term; 0 gives the MI (A1)")
+    g.add_argument("--cov-estimator", dest="cov_estimator", choices=("batch", "ema"), default="batch",
+                   help="batch covariances, or CorInfoMax-style running estimates (A4)")
+    g.add_argument("--la-R", dest="la_R", type=float, help="ema: weight of the previous covariance")
+    g.add_argument("--la-mu", dest="la_mu", type=float, help="ema: weight of the previous mean")
+    g.add_argument("--R-ini", dest="R_ini", type=float, help="ema: initial covariance R_ini * I")
+    g.add_argument("--loss-scale", dest="loss_scale", choices=("2/D", "1/D", "1"), default="2/D",
+                   help="factor on -I in the training objective (A6)")
+    g.add_argument("--allow-singular", dest="allow_singular", action="store_true",
+                   help="allow a global batch N < 2D + 1 (the MI estimate is then dominated by eps)")
+    g.add_argument("--no-normalize", dest="normalize", action="store_false",
+                   help="do not L2-normalise the projector output (A5)")
+    g = p.add_argument_group("network")
+    g.add_argument("--arch", choices=("resnet18", "resnet50"))
+    g.add_argument("--stem", choices=("cifar", "imagenet"), help="3x3 stride-1 stem, no max-pool; or 7x7/2")
+    g.add_argument("--projector", help="hidden-...-output widths, e.g. 2048-2048-64")
+    g.add_argument("--proj-bn", dest="proj_bn", action=argparse.BooleanOptionalAction)
+    g.add_argument("--image-size", dest="image_size", type=int)
+    g.add_argument("--crop-min-scale", dest="crop_min_scale", type=float,
+                   help="smallest RandomResizedCrop area of the pretraining views (paper: 0.08)")
+    g.add_argument("--blur-sigma", dest="blur_sigma", type=float,
+                   help="largest Gaussian-blur sigma in pixels (paper: 2.0)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--max-steps", dest="max_steps", type=int, help="stop after this many steps in all")
+    g.add_argument("--batch-size", dest="batch_size", type=int, help="global batch (all processes)")
+    g.add_argument("--lr", type=float, help="base learning rate (no batch/256 scaling)")
+    g.add_argument("--min-lr", dest="min_lr", type=float)
+    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float,
+                   help="W; fractional values only make sense with --lr-per-step")
+    g.add_argument("--wd", type=float, help="weight decay")
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--lr-per-step", dest="lr_per_step", action=argparse.BooleanOptionalAction,
+                   help="smooth per-step schedule instead of the official per-epoch one")
+    g.add_argument("--amp", choices=("bf16", "fp16", "off"), help="default: bf16 on CUDA, off on CPU")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--probe", choices=("linear", "cached", "none"),
+                   help="linear: the paper protocol; cached: fast cached-feature probe for short runs")
+    g.add_argument("--probe-epochs", dest="probe_epochs", type=int)
+    g.add_argument("--probe-lr", dest="probe_lr", type=float)
+    g.add_argument("--baseline", action=argparse.BooleanOptionalAction,
+                   help="also probe the randomly initialised backbone")
+    g.add_argument("--knn-every", dest="knn_every", type=int, help="kNN monitor every N epochs (0: off)")
+    g.add_argument("--knn-bank", dest="knn_bank", type=int, default=20000,
+                   help="at most this many training images in the kNN bank")
+    g = p.add_argument_group("run")
+    g.add_argument("--gpus", type=int, default=1, help="local processes to start (CPU: gloo processes)")
+    g.add_argument("--cpu", action="store_true", help="do not use CUDA even if present")
+    g.add_argument("--threads", type=int, help="torch CPU threads per process")
+    g.add_argument("--output-dir", dest="output_dir", help="checkpoints, metrics.jsonl, backbone.pt")
+    g.add_argument("--log-every", dest="log_every", type=int, default=10)
+    g.add_argument("--seed", type=int, default=0)
+    cfg = p.parse_args(argv)
+    return resolve(cfg)
+
+
+def resolve(cfg):
+    """Fill unset flags from the preset; return the resolved config."""
+    is_path = cfg.data not in PRESETS
+    cfg.preset = cfg.preset or ("imagenet" if is_path else cfg.data)
+    if cfg.preset not in PRESETS:
+        raise UsageError(f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
+    if is_path:
+        cfg.data_dir = cfg.data
+    for k, v in {**COMMON, **PRESETS[cfg.preset]}.items():
+        if getattr(cfg, k, None) is None:
+            setattr(cfg, k, v)
+    cfg.use_cuda = torch.cuda.is_available() and not cfg.cpu
+    cfg.amp = cfg.amp or ("bf16" if cfg.use_cuda else "off")
+    cfg.output_dir = cfg.output_dir or os.path.join("runs", f"{PROG.removesuffix('.py')}-{cfg.preset}")
+    if cfg.gpus < 1 or cfg.batch_size % cfg.gpus:
+        raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly across --gpus {cfg.gpus}")
+    if cfg.batch_size < 2 * out_dim(cfg) + 1 and not cfg.allow_singular:
+        raise UsageError(f"--batch-size {cfg.batch_size} is below 2D + 1 = {2 * out_dim(cfg) + 1} for D = "
+                         f"{out_dim(cfg)}: the joint covariance would be singular; lower D with --projector "
+                         "or pass --allow-singular")
+    if cfg.use_cuda and cfg.gpus > torch.cuda.device_count():
+        raise UsageError(f"--gpus {cfg.gpus} but only {torch.cuda.device_count()} CUDA devices")
+    return cfg
+
+
+def out_dim(cfg):
+    """D, the projector's output dimension."""
+    return int(cfg.projector.split("-")[-1])
+
+
+# ============================================================================================
+# Loss
+# ============================================================================================
+# Self-contained: needs only torch, works without a process group. In a multi-GPU run, pass the
+# globally gathered z1, z2 (all_gather with gradient): the MI is a statistic of the whole batch.
+
+def mi_terms(S, D, eps):
+    """logdet(S1 + eps I), logdet(S2 + eps I), logdet(S + eps I) for a 2D x 2D joint covariance
+    S whose first D rows/columns belong to view 1 (Theorem 1's three determinants)."""
+    eye = torch.eye(2 * D, dtype=S.dtype, device=S.device)
+    return (torch.logdet(S[:D, :D] + eps * eye[:D, :D]), torch.logdet(S[D:, D:] + eps * eye[:D, :D]),
+            torch.logdet(S + eps * eye))
+
+
+def batch_mi(z1, z2, eps=1e-8, unbiased=False):
+    """(I, logdet1, logdet2, logdet_joint) from the batch covariances, in float64 (spec 3.1)."""
+    j = torch.cat([z1, z2], dim=1).double()          # [a b]: view-1 columns first
+    j = j - j.mean(0)                                 # batch-mean centring of each column
+    S = j.T @ j / (j.shape[0] - 1 if unbiased else j.shape[0])
+    ld1, ld2, ldj = mi_terms(S, z1.shape[1], eps)
+    return 0.5 * (ld1 + ld2 - ldj), ld1, ld2, ldj
+
+
+def explicit_mim_loss(z1, z2, eps=1e-8):
+    """-I in nats for two views z1, z2 of shape (N, D), rows L2-normalised by the model.
+
+    I = 1/2 [logdet(S1 + eps I) + logdet(S2 + eps I) - logdet(S + eps I)] (Theorem 1), with S1,
+    S2, S the batch-mean-centred covariances (divided by N) of view 1, view 2 and [z1, z2],
+    computed in float64 whatever the input dtype. Needs N >= 2D + 1 to be meaningful (spec 3.3).
+    Returns (loss, logs) with logs["mi"] = I and the three log-dets as floats.
+    """
+    mi, ld1, ld2, ldj = batch_mi(z1, z2, eps)
+    return -mi, _logs(-mi, mi, ld1, ld2, ldj)
+
+
+def _logs(loss, mi, ld1, ld2, ldj):
+    """One host sync for all logged values."""
+    values = torch.stack([t.detach() for t in (loss, mi, ld1, ld2, ldj)]).tolist()
+    return dict(zip(("loss", "mi", "logdet1", "logdet2", "logdet_joint"), values))
+
+
+class ExplicitMIMLoss(nn.Module):
+    """The training objective: scale * [-1/2 (ld1 + ld2 - w ld_joint) + mse_weight * MSE].
+
+    With the defaults (w = 1, mse_weight = 0) this is scale * explicit_mim_loss. `estimator`
+    "batch" uses the batch covariances (default); "ema" keeps CorInfoMax-style float64 running
+    estimates of the mean (2D) and of the joint covariance (2D x 2D, i.e. R1, R2 and R12), updated
+    once per call and stored detached (spec 3.6): call it exactly once per step.
+    """
+
+    def __init__(self, dim, eps=1e-8, scale=1.0, unbiased=False, joint_weight=1.0, mse_weight=0.0,
+                 estimator="batch", la_R=0.01, la_mu=0.01, R_ini=1.0):
+        super().__init__()
+        if estimator not in ("batch", "ema"):
+            raise ValueError("estimator must be 'batch' or 'ema'")
+        self.dim, self.eps, self.scale, self.unbiased = dim, eps, scale, unbiased
+        self.joint_weight, self.mse_weight = joint_weight, mse_weight
+        self.estimator, self.la_R, self.la_mu = estimator, la_R, la_mu
+        if estimator == "ema":   # R1 = R2 = R_ini I, R12 = 0; means 0
+            self.register_buffer("R", R_ini * torch.eye(2 * dim, dtype=torch.float64))
+            self.register_buffer("mu", torch.zeros(2 * dim, dtype=torch.float64))
+
+    def forward(self, z1, z2):
+        if self.estimator == "batch":
+            mi, ld1, ld2, ldj = batch_mi(z1, z2, self.eps, self.unbiased)
+        else:
+            j = torch.cat([z1, z2], dim=1).double()
+            mu = self.la_mu * self.mu + (1 - self.la_mu) * j.mean(0)          # updated mean
+            c = j - mu
+            R = self.la_R * self.R + (1 - self.la_R) * c.T @ c / j.shape[0]  # gradient via batch
+            self.R, self.mu = R.detach(), mu.detach()
+            ld1, ld2, ldj = mi_terms(R, self.dim, self.eps)
+            mi = 0.5 * (ld1 + ld2 - ldj)
+        objective = -0.5 * (ld1 + ld2 - self.joint_weight * ldj)
+        if self.mse_weight:
+            objective = objective + self.mse_weight * (z1 - z2).double().pow(2).mean()
+        loss = self.scale * objective
+        return loss, _logs(loss, mi, ld1, ld2, ldj)
+
+
+def make_criterion(cfg):
+    """The training loss as configured (called once per run; the module holds any state)."""
+    D = out_dim(cfg)
+    return ExplicitMIMLoss(D, cfg.eps, {"2/D": 2 / D, "1/D": 1 / D, "1": 1.0}[cfg.loss_scale],
+                           cfg.cov_denom == "N-1", cfg.joint_weight, cfg.mse_weight, cfg.cov_estimator,
+                           cfg.la_R, cfg.la_mu, cfg.R_ini)
+
+
+# ============================================================================================
+# Networks
+# ============================================================================================
+
+def make_backbone(arch, stem):
+    """torchvision ResNet with zero-init residuals and fc removed; returns (net, feature dim).
+
+    The CIFAR stem (3x3 stride-1 conv1, no max-pool) keeps small images from being downsampled
+    4x before the first block. The state dict keeps torchvision's key names (minus fc).
+    """
+    net = getattr(torchvision.models, arch)(zero_init_residual=True)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+def make_projector(in_dim, widths, bn):
+    """Linear(+bias) -> [BN] -> ReLU for each hidden width, then Linear without bias."""
+    dims = [in_dim] + [int(w) for w in widths.split("-")]
+    layers = []
+    for a, b in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(a, b)] + ([nn.BatchNorm1d(b)] if bn else []) + [nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
+    return nn.Sequential(*layers)
+
+
+class Model(nn.Module):
+    """Backbone + projector + L2 normalisation; both views share it (no predictor, no EMA)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.backbone, feat_dim = make_backbone(cfg.arch, cfg.stem)
+        self.projector = make_projector(feat_dim, cfg.projector, cfg.proj_bn)
+        self.normalize = cfg.normalize
+
+    def forward(self, x):
+        z = self.projector(self.backbone(x))
+        return F.normalize(z, dim=1, eps=1e-12) if self.normalize else z
+
+
+# ============================================================================================
+# Augmentation
+# ============================================================================================
+# All ops run on uint8 image tensors (v2.ToImage turns PIL images into tensors first), so the
+# solarize threshold is 128 of 255 as in the official PIL pipeline.
+
+def normalize(cfg):
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(*cfg.norm)]
+
+
+def pretrain_views(cfg):
+    """The asymmetric two-view recipe of spec section 5: blur 1.0/0.1, solarize 0.0/0.2."""
+    def view(blur_p, solarize_p):
+        return v2.Compose([
+            v2.ToImage(),
+            v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_scale, 1.0),
+                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=13, sigma=(0.1, cfg.blur_sigma))], p=blur_p),
+            v2.RandomSolarize(threshold=128, p=solarize_p),
+            *normalize(cfg)])
+    return [view(1.0, 0.0), view(0.1, 0.2)]
+
+
+def probe_train_view(cfg):
+    """Linear-probe training augmentation (spec 7): RandomResizedCrop + flip."""
+    return v2.Compose([v2.ToImage(),
+                       v2.RandomResizedCrop(cfg.image_size, scale=(0.08, 1.0),
+                                            interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.RandomHorizontalFlip(p=0.5), *normalize(cfg)])
+
+
+def test_view(cfg):
+    """Evaluation: Resize(size * 8/7, bicubic) + CenterCrop(size) (256 -> 224 on ImageNet)."""
+    return v2.Compose([v2.ToImage(),
+                       v2.Resize(int(cfg.image_size * 8 / 7), interpolation=v2.InterpolationMode.BICUBIC,
+                                 antialias=True),
+                       v2.CenterCrop(cfg.image_size), *normalize(cfg)])
+
+
+# ============================================================================================
+# Data
+# ============================================================================================
+
+class TensorImages(torch.utils.data.Dataset):
+    """In-memory uint8 images (N, C, H, W) with labels; grey images are repeated to 3 channels."""
+
+    def __init__(self, images, labels):
+        self.images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        self.targets = labels
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.targets[i])
+
+
+class Views(torch.utils.data.Dataset):
+    """Applies each transform to an image; items are (index, seed) pairs from the sampler.
+
+    The seed fixes the augmentation of this item (a forked RNG, so the global one is untouched):
+    the same step gets the same views whatever the number of workers, and a resumed run
+    continues with exactly the views the uninterrupted run would have drawn.
+    """
+
+    def __init__(self, base, transforms):
+        self.base, self.transforms = base, transforms
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        index, seed = item
+        image, label = self.base[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return [t(image) for t in self.transforms], label
+
+
+def load_datasets(cfg):
+    """(pretraining set, probe training set, test set, number of classes) for cfg.data."""
+    name = cfg.data if cfg.data in PRESETS else "folder"
+    if cfg.download and name in ("cifar10", "cifar100", "stl10"):
+        common.download(name, cfg.data_dir or "data")
+    try:
+        return read_dataset(name, cfg)
+    except UsageError as e:
+        hint = {"fashionmnist": "pass --data-dir DIR with its idx .gz files, or apt-get install "
+                                "dataset-fashion-mnist",
+                "folder": "pass --data-dir DIR holding train/ and val/ class folders"}
+        raise UsageError(f"{e}; {hint.get(name, 'pass --data-dir DIR or --download')}") from None
+
+
+def read_dataset(name, cfg):
+    if name == "synthetic":
+        train, test = (TensorImages(*common.make_synthetic(n, cfg.image_size, seed=cfg.seed + i))
+                       for i, n in enumerate((cfg.synthetic_train, cfg.synthetic_test)))
+        return train, train, test, len(common.SYNTHETIC_CLASSES)
+    if name == "fashionmnist":
+        root = cfg.data_dir or common.FASHION_MNIST_SYSTEM_DIR
+        train, test = (TensorImages(*common.read_fashion_mnist(root, t)) for t in (True, False))
+        return train, train, test, 10
+    root = cfg.data_dir or "data"
+    if name in ("cifar10", "cifar100"):
+        classes = int(name[5:])
+        train, test = (TensorImages(*common.read_cifar(root, classes, t)) for t in (True, False))
+        return train, train, test, classes
+    if name == "stl10":   # pretraining on train + unlabeled, probing on train
+        labelled, test, unlabelled = (TensorImages(*common.read_stl10(root, s))
+                                      for s in ("train", "test", "unlabeled"))
+        return torch.utils.data.ConcatDataset([labelled, unlabelled]), labelled, test, 10
+    folders = [common.need(os.path.join(root, s), f"image folder '{s}/'") for s in ("train", "val")]
+    train, test = (torchvision.datasets.ImageFolder(f) for f in folders)
+    return train, train, test, len(train.classes)
+
+
+def make_loader(dataset, batch_sampler, cfg):
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=cfg.workers,
+                                       pin_memory=cfg.use_cuda, persistent_workers=cfg.workers > 0)
+
+
+def eval_loader(base, transform, cfg, d, batch=256):
+    """This rank's contiguous shard of `base`, in order, with a fixed transform."""
+    idx = list(common.shard(len(base), d.rank, d.world))
+    batches = [[(i, 0) for i in idx[j:j + batch]] for j in range(0, len(idx), batch)]
+    return make_loader(Views(base, [transform]), batches, cfg)
+
+
+# ============================================================================================
+# Optimisation
+# ============================================================================================
+
+def make_optimizer(model, cfg):
+    """SGD, momentum 0.9, weight decay on every parameter (one group) [choice, spec 6]."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+
+
+def lr_at(cfg, epoch, frac=0.0):
+    """Official schedule (spec 6): linear warm-up from 3e-3 over W epochs, then cosine to min_lr.
+
+    `epoch` is 0-based (k = e - 1 in the spec). The official schedule is constant within an
+    epoch and reaches the base LR at epoch W (k = W - 1). With --lr-per-step, k also counts the
+    fraction `frac` of the epoch done and the warm-up reaches the base LR at k = W.
+    """
+    k = epoch + (frac if cfg.lr_per_step else 0.0)
+    W, E, base = cfg.warmup_epochs, cfg.epochs, cfg.lr
+    if k < W:
+        return 3e-3 + k * (base - 3e-3) / (W if cfg.lr_per_step else max(W - 1, 1))
+    return cfg.min_lr + (base - cfg.min_lr) * (1 + math.cos(math.pi * (k - W) / max(E - W, 1))) / 2
+
+
+def autocast(cfg):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, torch.float32)
+    return torch.autocast("cuda" if cfg.use_cuda else "cpu", dtype=dtype, enabled=cfg.amp != "off")
+
+
+# ============================================================================================
+# Evaluation
+# ============================================================================================
+
+@torch.no_grad()
+def extract(backbone, base, transform, cfg, d):
+    """Backbone features (eval mode) and labels of the whole of `base`, on every rank."""
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    for (x,), y in eval_loader(base, transform, cfg, d):
+        with autocast(cfg):
+            feats.append(backbone(to_device(x, cfg, d)).float())
+        labels.append(y.to(d.device))
+    backbone.train(was_training)
+    feats = torch.cat(feats) if feats else torch.empty(0, 0, device=d.device)
+    return (common.gather_shards(feats, len(base)),
+            common.gather_shards(torch.cat(labels) if labels else torch.empty(0, device=d.device), len(base)))
+
+
+def topk(logits, y, ks=(1, 5)):
+    """Top-k accuracies in % (k larger than the number of classes is skipped)."""
+    pred = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = pred == y[:, None]
+    return {f"top{k}": 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks if k < logits.shape[1]}
+
+
+def knn_accuracy(train_f, train_y, test_f, test_y, classes, k=200, T=0.1):
+    """Weighted kNN monitor on cosine similarity (k = 200, temperature 0.1, InstDisc-style)."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    scores = []
+    for chunk in test_f.split(1024):
+        sim, idx = (chunk @ train_f.T).topk(min(k, len(train_f)), dim=1)
+        votes = torch.zeros(len(chunk), classes, device=chunk.device)
+        scores.append(votes.scatter_add_(1, train_y[idx], (sim / T).exp()))
+    return topk(torch.cat(scores), test_y)
+
+
+def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
+    """Fast probe for short runs: standardised cached features, linear head, SGD + cosine.
+
+    Not the paper protocol (no augmentation); identical on every rank (same seed, same data).
+    """
+    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+    train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    head = nn.Linear(train_f.shape[1], classes).to(train_f.device)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs)
+    for _ in range(cfg.probe_epochs):
+        for idx in torch.randperm(len(train_f), generator=g).to(train_f.device).split(256):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(train_f[idx]), train_y[idx]).backward()
+            opt.step()
+        sched.step()
+    with torch.no_grad():
+        return topk(head(test_f), test_y)
+
+
+def linear_probe(backbone, probe_set, test_set, classes, cfg, d, log):
+    """The paper protocol (spec 7): frozen backbone in eval mode, Linear head on pooled features,
+    SGD m 0.9 wd 0, RandomResizedCrop + flip; cosine to lr/100 or x0.1 every 20 epochs (ImageNet).
+    Returns the last epoch's accuracies and the best top-1."""
+    backbone.eval()
+    head = nn.Linear(feature_dim(backbone, cfg, d), classes).to(d.device)
+    head_ddp = nn.parallel.DistributedDataParallel(head) if d.world > 1 else head
+    opt = torch.optim.SGD(head.parameters(), lr=cfg.probe_lr, momentum=0.9, weight_decay=0.0)
+    if cfg.probe_schedule == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.1)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs, eta_min=cfg.probe_lr / 100)
+    batch = min(256, len(probe_set) // d.world * d.world)
+    sampler = common.GlobalBatchSampler(len(probe_set), batch, d.rank, d.world, seed=cfg.seed + 1)
+    loader = make_loader(Views(probe_set, [probe_train_view(cfg)]), sampler, cfg)
+    best, acc = 0.0, {}
+    for epoch in range(cfg.probe_epochs):
+        sampler.set_epoch(epoch)
+        for (x,), y in loader:
+            with torch.no_grad(), autocast(cfg):
+                f = backbone(to_device(x, cfg, d)).float()
+            loss = F.cross_entropy(head_ddp(f), y.to(d.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        test_f, test_y = extract(backbone, test_set, test_view(cfg), cfg, d)
+        with torch.no_grad():
+            acc = topk(head(test_f), test_y)
+        best = max(best, acc["top1"])
+        log.print(f"  probe epoch {epoch + 1}/{cfg.probe_epochs}  top1 {acc['top1']:.2f}  best {best:.2f}")
+    return {**acc, "best_top1": best}
+
+
+@torch.no_grad()
+def feature_dim(backbone, cfg, d):
+    return backbone(torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=d.device)).shape[1]
+
+
+def evaluate(backbone, data, cfg, d, log, kind):
+    """Probe accuracy of `backbone` with the configured protocol."""
+    _, probe_set, test_set, classes = data
+    if kind == "linear":
+        return linear_probe(backbone, probe_set, test_set, classes, cfg, d, log)
+    train_f, train_y = extract(backbone, probe_set, test_view(cfg), cfg, d)
+    test_f, test_y = extract(backbone, test_set, test_view(cfg), cfg, d)
+    if kind == "knn":
+        bank = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(0))[:cfg.knn_bank]
+        return knn_accuracy(train_f[bank.to(d.device)], train_y[bank.to(d.device)], test_f, test_y, classes)
+    return cached_probe(train_f, train_y, test_f, test_y, classes, cfg)
+
+
+# ============================================================================================
+# Training
+# ============================================================================================
+
+def to_device(x, cfg, d):
+    x = x.to(d.device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if cfg.use_cuda else x
+
+
+def build(cfg, d):
+    """Model, loss, optimiser and AMP scaler, freshly initialised from cfg.seed."""
+    torch.manual_seed(cfg.seed)
+    model = Model(cfg).to(d.device)
+    if cfg.use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+        if d.world > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    criterion = make_criterion(cfg).to(d.device)
+    optimizer = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(enabled=cfg.amp == "fp16")
+    return model, criterion, optimizer, scaler
+
+
+def train_step(model, criterion, optimizer, scaler, x1, x2, cfg):
+    """One step on this rank's share of the global batch; the loss sees the gathered batch."""
+    with autocast(cfg):
+        z1, z2 = model(x1), model(x2)
+    # The loss runs outside autocast: float32 embeddings meet the float64 state (spec 2.4).
+    z1, z2 = common.gather_with_grad(z1.float()), common.gather_with_grad(z2.float())
+    loss, logs = criterion(z1, z2)
+    if not math.isfinite(logs["loss"]):
+        return logs
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return logs
+
+
+def checkpoint_state(model, criterion, optimizer, scaler, step, cfg):
+    return {"model": model.state_dict(), "criterion": criterion.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+            "rng": torch.get_rng_state(), "batch_size": cfg.batch_size, "preset": cfg.preset}
+
+
+def restore(ckpt, model, criterion, optimizer, scaler, cfg, path):
+    if (ckpt.get("batch_size"), ckpt.get("preset")) != (cfg.batch_size, cfg.preset):
+        raise UsageError(f"{path} was written with --batch-size {ckpt.get('batch_size')} and preset "
+                         f"{ckpt.get('preset')}; resume with the same or choose another --output-dir")
+    try:
+        model.load_state_dict(ckpt["model"])
+        criterion.load_state_dict(ckpt["criterion"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UsageError(f"{path} does not match this model ({type(e).__name__}); "
+                         "choose another --output-dir") from None
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["step"]
+
+
+def train(cfg):
+    """Pretrain, checkpoint, export the backbone and evaluate (runs in every process)."""
+    d = common.Dist(cfg.use_cuda)
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
+    if cfg.workers is None:   # on CPU, loader workers compete with the training threads for cores
+        cfg.workers = min(8, (os.cpu_count() or 1) // d.local_world) if cfg.use_cuda else 0
+    data = load_datasets(cfg)
+    sampler = common.GlobalBatchSampler(len(data[0]), cfg.batch_size, d.rank, d.world, seed=cfg.seed)
+    loader = make_loader(Views(data[0], pretrain_views(cfg)), sampler, cfg)
+    steps_per_epoch = len(sampler)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    model, criterion, optimizer, scaler = build(cfg, d)
+    ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
+    step = 0
+    if os.path.exists(ckpt_path):   # before anything is written: a bad checkpoint loses nothing
+        step = restore(common.load_checkpoint(ckpt_path), model, criterion, optimizer, scaler, cfg, ckpt_path)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    log = common.Logger(cfg.output_dir, d.is_main)
+    log.record(event="start", argv=sys.argv, config=config_dict(cfg), versions=common.versions(),
+               world_size=d.world, resumed_from_step=step)
+    log.print(f"{PROG}: world size {d.world}, device {d.device}, {steps_per_epoch} steps/epoch, "
+              f"{total} steps" + (f", resuming at step {step}" if step else ""))
+    log.print("config: " + json.dumps(config_dict(cfg)))
+    if cfg.preset in OUR_PRESETS:
+        log.print(f"note: preset '{cfg.preset}' is the project's own (small, untuned), not the paper's")
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if cfg.use_cuda else None) \
+        if d.world > 1 else model
+    model.train()
+    t0, t_last, images = time.time(), time.time(), 0
+    while step < total:
+        epoch, start = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, start)
+        for i, ((x1, x2), _) in enumerate(loader, start):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, epoch, i / steps_per_epoch)
+            logs = train_step(ddp, criterion, optimizer, scaler, to_device(x1, cfg, d),
+                              to_device(x2, cfg, d), cfg)
+            if not math.isfinite(logs["loss"]):
+                raise common.NonFiniteLoss(f"loss is {logs['loss']} at step {step + 1}; the last good "
+                                           f"checkpoint {ckpt_path} is kept (try a lower --lr)")
+            step, images = step + 1, images + cfg.batch_size
+            if step % cfg.log_every == 0 or step == total:
+                rate = images / (time.time() - t_last)
+                parts = " ".join(f"{k} {v:.5g}" for k, v in logs.items())
+                log.print(f"ep {epoch + 1}/{cfg.epochs} step {step}/{total} {parts} "
+                          f"lr {optimizer.param_groups[0]['lr']:.4g} {rate:.1f} img/s "
+                          f"ETA {format_time((total - step) * cfg.batch_size / rate)}")
+                log.record(event="train", epoch=epoch + 1, step=step, lr=optimizer.param_groups[0]["lr"],
+                           img_per_s=rate, **logs)
+                t_last, images = time.time(), 0
+            if step == total:
+                break
+        end_of_epoch = step % steps_per_epoch == 0
+        if d.is_main:
+            common.atomic_save(checkpoint_state(model, criterion, optimizer, scaler, step, cfg), ckpt_path)
+        if end_of_epoch:
+            monitor(model, criterion, data, cfg, d, log, epoch + 1)
+    log.print(f"pretraining done: {step} steps in {format_time(time.time() - t0)} this session")
+    finish(model, data, cfg, d, log)
+    d.close()
+
+
+def monitor(model, criterion, data, cfg, d, log, epoch):
+    """Per-epoch kNN monitor (the MI and log-dets of every step are in the training records)."""
+    if not (cfg.knn_every and epoch % cfg.knn_every == 0):
+        return
+    rec = {f"knn_{k}": v for k, v in evaluate(model.backbone, data, cfg, d, log, "knn").items()}
+    log.print(f"  epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()))
+    log.record(event="epoch", epoch=epoch, **rec)
+
+
+def finish(model, data, cfg, d, log):
+    """Export the backbone (loads into torchvision's ResNet minus fc) and run the final probe."""
+    if d.is_main:
+        common.atomic_save(model.backbone.state_dict(), os.path.join(cfg.output_dir, "backbone.pt"))
+    if cfg.probe == "none":
+        return
+    label = {"linear": "linear probe (paper protocol)",
+             "cached": "cached-feature probe (fast, no aug)"}[cfg.probe]
+    results = {"trained": evaluate(model.backbone, data, cfg, d, log, cfg.probe)}
+    if cfg.baseline:
+        random_model, *_ = build(cfg, d)
+        results["random_init"] = evaluate(random_model.backbone, data, cfg, d, log, cfg.probe)
+    for name, acc in results.items():
+        log.print(f"{label}, {name} backbone: " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+    log.record(event="probe", protocol=cfg.probe, **results)
+
+
+def config_dict(cfg):
+    return {k: v for k, v in sorted(vars(cfg).items()) if isinstance(v, (int, float, str, bool, list, tuple))
+            or v is None}
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ============================================================================================
+# Main
+# ============================================================================================
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    common.launch(train, cfg, cfg.gpus, PROG)
+
+
+if __name__ == "__main__":
+    common.run_cli(main, PROG)
