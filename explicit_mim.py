@@ -70,7 +70,10 @@ USAGE
 
 RESULTS (linear top-1 %; the paper's numbers were not available; none run here on a GPU yet)
     CIFAR-10 / CIFAR-100 / Tiny ImageNet / ImageNet-100 / ImageNet-1k: not run.
-    Short CPU runs are in README.md, "Results".
+    Short CPU runs, cached-feature probe top-1 %, trained vs the same ResNet-18 at random init
+    (2-core CPU; commands and budgets in README.md, "Results"):
+    synthetic demo (240 steps)         34.8  vs 30.4
+    Fashion-MNIST (250 steps, 28 px)   83.80 vs 74.61
 """
 import argparse
 import json

@@ -377,8 +377,9 @@ def test_explicit_mim_and_corinfomax_share_the_marginal_log_dets():
 def test_explicit_mim_weighted_variant():
     z1, z2 = correlated_views(64, 8, 12)
     loss, logs = explicit_mim.ExplicitMIMLoss(8, joint_weight=0.5, mse_weight=3.0)(z1, z2)
-    want = -0.5 * (logs["logdet1"] + logs["logdet2"] - 0.5 * logs["logdet_joint"]) + 3.0 * (z1 - z2).pow(2).mean()
-    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    mse = (z1 - z2).pow(2).mean().item()
+    want = -0.5 * (logs["logdet1"] + logs["logdet2"] - 0.5 * logs["logdet_joint"]) + 3.0 * mse
+    assert loss.item() == pytest.approx(want, rel=1e-12)
 
 
 def test_explicit_mim_running_estimates_match_naive_recursion():
@@ -760,12 +761,14 @@ def test_image_folder_dataset_runs(tmp_path):
 # Bad input: one line, non-zero exit, nothing overwritten
 # ============================================================================================
 
-def test_missing_data_directory(tmp_path):
-    proc = run_script("--data", "cifar10", "--data-dir", tmp_path / "nowhere", "--output-dir", tmp_path / "o")
+@pytest.mark.parametrize("script", METHOD_FILES)
+def test_missing_data_directory(tmp_path, script):
+    proc = run_script("--data", "cifar10", "--data-dir", tmp_path / "nowhere", "--output-dir", tmp_path / "o",
+                      script=script)
     line = assert_one_line_error(proc)
     assert "CIFAR-10 not found" in line and "--data-dir" in line
     assert not (tmp_path / "o").exists()
-    proc = run_script("--data", tmp_path / "nofolder", "--output-dir", tmp_path / "o")
+    proc = run_script("--data", tmp_path / "nofolder", "--output-dir", tmp_path / "o", script=script)
     assert "train/" in assert_one_line_error(proc)
 
 
@@ -778,8 +781,9 @@ def test_explicit_mim_refuses_a_batch_below_2D_plus_1(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_batch_size_must_split_across_processes(tmp_path):
-    proc = run_script(*TINY, "--gpus", 3, "--output-dir", tmp_path / "o")
+@pytest.mark.parametrize("script", METHOD_FILES)
+def test_batch_size_must_split_across_processes(tmp_path, script):
+    proc = run_script(*tiny(script), "--gpus", 3, "--output-dir", tmp_path / "o", script=script)
     assert "does not split" in assert_one_line_error(proc)
     assert not (tmp_path / "o").exists()
 
