@@ -31,8 +31,8 @@ THE IDEA
     making one view linearly predictable from the other (the joint log-det).
 
 EQUATION MAP ([derived] unless marked)
-    centring          a = z1 - mean(z1), b = z2 - mean(z2), j = [a b]        batch_mi, spec 3.1
-    covariances       S1 = a^T a / N, S2 = b^T b / N, S = j^T j / N (2D x 2D)  batch_mi
+    centring          a = z1 - mean(z1), b = z2 - mean(z2), j = [a b]        batch_cov, spec 3.1
+    covariances       S1 = a^T a / N, S2 = b^T b / N, S = j^T j / N (2D x 2D)  batch_cov
     MI (Theorem 1)    I = 1/2 [logdet(S1 + eps I) + logdet(S2 + eps I) - logdet(S + eps I)]   mi_terms
     loss              L = -I (nats)                                           explicit_mim_loss
     training scale    (2/D) L, CorInfoMax's per-D log-det scale [choice A6]    ExplicitMIMLoss
@@ -250,20 +250,20 @@ def out_dim(cfg):
 # globally gathered z1, z2 (all_gather with gradient): the MI is a statistic of the whole batch.
 
 def mi_terms(S, D, eps):
-    """logdet(S1 + eps I), logdet(S2 + eps I), logdet(S + eps I) for a 2D x 2D joint covariance
-    S whose first D rows/columns belong to view 1 (Theorem 1's three determinants)."""
+    """(I, logdet1, logdet2, logdet_joint) from a 2D x 2D joint covariance S whose first D
+    rows/columns belong to view 1: I = 1/2 [logdet(S1 + eps I) + logdet(S2 + eps I)
+    - logdet(S + eps I)] (Theorem 1)."""
     eye = torch.eye(2 * D, dtype=S.dtype, device=S.device)
-    return (torch.logdet(S[:D, :D] + eps * eye[:D, :D]), torch.logdet(S[D:, D:] + eps * eye[:D, :D]),
-            torch.logdet(S + eps * eye))
-
-
-def batch_mi(z1, z2, eps=1e-8, unbiased=False):
-    """(I, logdet1, logdet2, logdet_joint) from the batch covariances, in float64 (spec 3.1)."""
-    j = torch.cat([z1, z2], dim=1).double()          # [a b]: view-1 columns first
-    j = j - j.mean(0)                                 # batch-mean centring of each column
-    S = j.T @ j / (j.shape[0] - 1 if unbiased else j.shape[0])
-    ld1, ld2, ldj = mi_terms(S, z1.shape[1], eps)
+    ld1, ld2 = torch.logdet(S[:D, :D] + eps * eye[:D, :D]), torch.logdet(S[D:, D:] + eps * eye[:D, :D])
+    ldj = torch.logdet(S + eps * eye)
     return 0.5 * (ld1 + ld2 - ldj), ld1, ld2, ldj
+
+
+def batch_cov(z1, z2, unbiased=False):
+    """Joint covariance of [z1, z2] (2D x 2D, view-1 columns first) in float64 (spec 3.1)."""
+    j = torch.cat([z1, z2], dim=1).double()          # [a b]
+    j = j - j.mean(0)                                 # batch-mean centring of each column
+    return j.T @ j / (j.shape[0] - 1 if unbiased else j.shape[0])
 
 
 def explicit_mim_loss(z1, z2, eps=1e-8):
@@ -274,7 +274,7 @@ def explicit_mim_loss(z1, z2, eps=1e-8):
     computed in float64 whatever the input dtype. Needs N >= 2D + 1 to be meaningful (spec 3.3).
     Returns (loss, logs) with logs["mi"] = I and the three log-dets as floats.
     """
-    mi, ld1, ld2, ldj = batch_mi(z1, z2, eps)
+    mi, ld1, ld2, ldj = mi_terms(batch_cov(z1, z2), z1.shape[1], eps)
     return -mi, _logs(-mi, mi, ld1, ld2, ldj)
 
 
@@ -306,21 +306,22 @@ class ExplicitMIMLoss(nn.Module):
             self.register_buffer("mu", torch.zeros(2 * dim, dtype=torch.float64))
 
     def forward(self, z1, z2):
-        if self.estimator == "batch":
-            mi, ld1, ld2, ldj = batch_mi(z1, z2, self.eps, self.unbiased)
-        else:
-            j = torch.cat([z1, z2], dim=1).double()
-            mu = self.la_mu * self.mu + (1 - self.la_mu) * j.mean(0)          # updated mean
-            c = j - mu
-            R = self.la_R * self.R + (1 - self.la_R) * c.T @ c / j.shape[0]  # gradient via batch
-            self.R, self.mu = R.detach(), mu.detach()
-            ld1, ld2, ldj = mi_terms(R, self.dim, self.eps)
-            mi = 0.5 * (ld1 + ld2 - ldj)
+        S = batch_cov(z1, z2, self.unbiased) if self.estimator == "batch" else self._running_cov(z1, z2)
+        mi, ld1, ld2, ldj = mi_terms(S, self.dim, self.eps)
         objective = -0.5 * (ld1 + ld2 - self.joint_weight * ldj)
         if self.mse_weight:
             objective = objective + self.mse_weight * (z1 - z2).double().pow(2).mean()
         loss = self.scale * objective
         return loss, _logs(loss, mi, ld1, ld2, ldj)
+
+    def _running_cov(self, z1, z2):
+        """Advance the running mean and joint covariance (updated-mean centring, spec 3.6)."""
+        j = torch.cat([z1, z2], dim=1).double()
+        mu = self.la_mu * self.mu + (1 - self.la_mu) * j.mean(0)
+        c = j - mu
+        R = self.la_R * self.R + (1 - self.la_R) * c.T @ c / (j.shape[0] - 1 if self.unbiased else j.shape[0])
+        self.R, self.mu = R.detach(), mu.detach()
+        return R                                          # gradient flows through this batch only
 
 
 def make_criterion(cfg):
