@@ -626,8 +626,13 @@ def build(cfg, d):
     return model, criterion, optimizer, scaler
 
 
-def train_step(model, criterion, optimizer, scaler, x1, x2, cfg):
-    """One step on this rank's share of the global batch; the loss sees the gathered batch."""
+def train_step(model, criterion, optimizer, scaler, views, step, cfg):
+    """Step `step` (0-based) on this rank's share of the global batch; the loss sees the gathered
+    batch. `views` holds the two augmented views (x1, x2) of this rank's images."""
+    epoch, i = divmod(step, cfg.steps_per_epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(cfg, epoch, i / cfg.steps_per_epoch)
+    x1, x2 = views
     with autocast(cfg):
         z1, z2 = model(x1), model(x2)
     # The loss runs outside autocast: float32 embeddings meet the float64 state (spec 2.4).
@@ -673,7 +678,7 @@ def train(cfg):
     data = load_datasets(cfg)
     sampler = common.GlobalBatchSampler(len(data[0]), cfg.batch_size, d.rank, d.world, seed=cfg.seed)
     loader = make_loader(Views(data[0], pretrain_views(cfg)), sampler, cfg)
-    steps_per_epoch = len(sampler)
+    steps_per_epoch = cfg.steps_per_epoch = len(sampler)   # schedules in train_step need it
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -698,11 +703,9 @@ def train(cfg):
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start)
-        for i, ((x1, x2), _) in enumerate(loader, start):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, epoch, i / steps_per_epoch)
-            logs = train_step(ddp, criterion, optimizer, scaler, to_device(x1, cfg, d),
-                              to_device(x2, cfg, d), cfg)
+        for views, _ in loader:
+            logs = train_step(ddp, criterion, optimizer, scaler, [to_device(x, cfg, d) for x in views],
+                              step, cfg)
             if not math.isfinite(logs["loss"]):
                 raise common.NonFiniteLoss(f"loss is {logs['loss']} at step {step + 1}; the last good "
                                            f"checkpoint {ckpt_path} is kept (try a lower --lr)")

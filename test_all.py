@@ -26,6 +26,7 @@ import torchvision
 import common
 import corinfomax
 import explicit_mim
+import ssl_hsic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHOD_FILES = [f for f in ("corinfomax.py", "ssl_hsic.py", "explicit_mim.py", "hydes.py")
@@ -58,14 +59,20 @@ TINY = ["--data", "synthetic", "--synthetic-train", 64, "--synthetic-test", 40, 
         "--workers", 0, "--probe", "none"]
 
 
-# Per method: a projector output D that suits TINY's batch of 16 (Explicit MIM needs N >= 2D + 1),
-# and an odd D for the non-finite-loss test. argparse keeps the last --projector given.
-TINY_D = {"corinfomax.py": ("64-32", "64-33"), "explicit_mim.py": ("64-6", "64-5")}
-MODULES = {"corinfomax.py": corinfomax, "explicit_mim.py": explicit_mim}
+# Per method: heads that suit TINY's batch of 16 (Explicit MIM needs N >= 2D + 1), and the
+# arguments that make the loss non-finite once a run resumes: for the log-det methods an odd D
+# with eps = -2 (a negative-definite covariance + eps I), for SSL-HSIC gamma = nan. argparse
+# keeps the last value of a repeated flag.
+TINY_HEADS = {"corinfomax.py": ["--projector", "64-32"], "explicit_mim.py": ["--projector", "64-6"],
+              "ssl_hsic.py": ["--projector", "64-32", "--predictor", "64-32"]}
+NAN_ARGS = {"corinfomax.py": (["--projector", "64-33"], ["--eps", -2]),
+            "explicit_mim.py": (["--projector", "64-5"], ["--eps", -2]),
+            "ssl_hsic.py": ([], ["--gamma", "nan"])}
+MODULES = {"corinfomax.py": corinfomax, "explicit_mim.py": explicit_mim, "ssl_hsic.py": ssl_hsic}
 
 
-def tiny(script, odd=False):
-    return TINY + ["--projector", TINY_D[script][odd]]
+def tiny(script):
+    return TINY + TINY_HEADS[script]
 
 
 def files_snapshot(folder):
@@ -427,6 +434,224 @@ def test_explicit_mim_trains_free_embeddings_without_collapse():
 
 
 # ============================================================================================
+# SSL-HSIC loss against a naive float64 transcription (ssl_hsic spec 3, 10)
+# ============================================================================================
+
+def naive_hsic(z, c, self_pairs=True):
+    """Explicit double loops over the n = M N flattened rows a = p N + i (spec 3.3)."""
+    M, N, D = z.shape
+    n = M * N
+    x = [z[a // N, a % N] for a in range(n)]
+    K = [[c / torch.sqrt(((x[a] - x[b]) ** 2).sum() + c**2) for b in range(n)] for a in range(n)]
+    same = sum(K[a][b] for a in range(n) for b in range(n) if a % N == b % N and (self_pairs or a != b))
+    total = sum(K[a][b] for a in range(n) for b in range(n))
+    hsic_zy = 1.0 * (same / (N * M * (M - 1)) - total / n**2)     # label weight w = 1
+    Km = torch.stack([torch.stack(row) for row in K])
+    H = torch.eye(n, dtype=torch.float64) - torch.full((n, n), 1.0 / n, dtype=torch.float64)
+    hsic_zz = torch.trace(Km @ H @ Km @ H) / n**2
+    return hsic_zy, hsic_zz
+
+
+def unit_views(M, N, D, seed, spread=0.5):
+    """M L2-normalised views of N images: a shared image direction plus per-view noise."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(1, N, D, generator=g, dtype=torch.float64)
+    return F.normalize(images + spread * torch.randn(M, N, D, generator=g, dtype=torch.float64), dim=2)
+
+
+@pytest.mark.parametrize("M,N,D,c", [(2, 5, 3, 1.0), (4, 4, 5, 0.5), (3, 6, 4, 2.0), (4, 3, 8, 1.0)])
+def test_ssl_hsic_exact_matches_naive(M, N, D, c):
+    z = unit_views(M, N, D, seed=M * 100 + N).requires_grad_()
+    z_naive = z.detach().clone().requires_grad_()
+    loss, logs = ssl_hsic.ssl_hsic_loss(z, gamma=3.0, sigma=c)
+    zy, zz = naive_hsic(z_naive, c)
+    want = 3.0 * torch.sqrt(zz) - zy
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(logs["hsic_zy"], zy.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(logs["hsic_zz"], zz.detach(), rtol=1e-12, atol=1e-14)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(z.grad, z_naive.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_ssl_hsic_self_pairs_add_a_constant():
+    """Spec 10.2: including the pairs a = b adds exactly 1/(M - 1) to hsic_zy, and no gradient."""
+    for M in (2, 4):
+        z = unit_views(M, 5, 4, seed=M).requires_grad_()
+        (l_in, logs_in), (l_ex, logs_ex) = (ssl_hsic.ssl_hsic_loss(z, zy_self_pairs=s) for s in (True, False))
+        assert (logs_in["hsic_zy"] - logs_ex["hsic_zy"]).item() == pytest.approx(1 / (M - 1), abs=1e-12)
+        zy_ex, _ = naive_hsic(z.detach(), 1.0, self_pairs=False)
+        assert logs_ex["hsic_zy"].item() == pytest.approx(zy_ex.item(), abs=1e-12)
+        g_in, = torch.autograd.grad(l_in, z)
+        g_ex, = torch.autograd.grad(l_ex, z)
+        torch.testing.assert_close(g_in, g_ex, rtol=1e-9, atol=1e-12)
+
+
+def test_ssl_hsic_kernel_properties():
+    x, y = unit_rows(7, 4, 1), unit_rows(5, 4, 2)
+    for c in (0.5, 1.0, 2.0):
+        K = ssl_hsic.imq_kernel(x, y, c)
+        want = torch.tensor([[1 / math.sqrt(1 + ((a - b) ** 2).sum().item() / c**2) for b in y] for a in x],
+                            dtype=torch.float64)
+        torch.testing.assert_close(K, want, rtol=1e-12, atol=1e-14)
+        assert (K > 0).all() and (K <= 1).all()
+        torch.testing.assert_close(ssl_hsic.imq_kernel(x, x, c).diagonal(), torch.ones(7, dtype=torch.float64))
+    # k depends on ||x - y|| / c only: scaling both points and c together leaves it unchanged.
+    torch.testing.assert_close(ssl_hsic.imq_kernel(3 * x, 3 * y, 6.0), ssl_hsic.imq_kernel(x, y, 2.0))
+
+
+def test_ssl_hsic_scale_mixture_sampler_reproduces_the_imq_kernel():
+    """Spec 10.5: per-feature products 2 cos(w.x/c + b) cos(w.y/c + b) average to k(x, y)."""
+    F_ = 400_000
+    x, y = unit_rows(3, 6, 3), unit_rows(3, 6, 4) * 1.5
+    for c in (0.7, 1.0):
+        phi_x = ssl_hsic.rff(x, c, F_, torch.Generator().manual_seed(11))
+        phi_y = ssl_hsic.rff(y, c, F_, torch.Generator().manual_seed(11))   # the same draw
+        per_feature = F_ * phi_x * phi_y                  # (3, F): unbiased single-feature estimates
+        mean, se = per_feature.mean(1), per_feature.std(1) / math.sqrt(F_)
+        exact = torch.tensor([1 / math.sqrt(1 + ((a - b) ** 2).sum().item() / c**2) for a, b in zip(x, y)],
+                             dtype=torch.float64)
+        assert ((mean - exact).abs() < 4 * se).all(), (mean, exact, se)
+
+
+def test_ssl_hsic_rff_is_the_kernel_formula_with_feature_kernels():
+    """Spec 10.7: for fixed draws, the RFF estimators equal the exact formulas with
+    K_A = Phi_A Phi_A^T in hsic_zy (diagonal included) and tr(H K_B H K_A) / n^2."""
+    M, N, D, F_, c = 4, 5, 3, 64, 0.8
+    z = unit_views(M, N, D, seed=5)
+    zy, zz = ssl_hsic.hsic_rff(z, c, F_, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    x = z.reshape(M * N, D)
+    phi_a, phi_b = ssl_hsic.rff(x, c, F_, g), ssl_hsic.rff(x, c, F_, g)   # draws A then B
+    n = M * N
+    KA, KB = phi_a @ phi_a.T, phi_b @ phi_b.T
+    same = sum(KA[a, b] for a in range(n) for b in range(n) if a % N == b % N)
+    H = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    torch.testing.assert_close(zy, same / (N * M * (M - 1)) - KA.sum() / n**2, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(zz, torch.trace(H @ KB @ H @ KA) / n**2, rtol=1e-12, atol=1e-14)
+
+
+def test_ssl_hsic_rff_estimates_agree_with_exact_in_expectation():
+    """Spec 10.6: the mean over independent draws is within Monte-Carlo error of the exact value;
+    a single draw lies within a few standard deviations of the draws."""
+    M, N, D, c, R = 4, 6, 4, 1.0, 400
+    z = unit_views(M, N, D, seed=9)
+    exact = torch.stack(ssl_hsic.hsic_exact(z, torch.tensor(c, dtype=torch.float64)))
+    draws = torch.stack([torch.stack(ssl_hsic.hsic_rff(z, c, 128, torch.Generator().manual_seed(1000 + r)))
+                         for r in range(R)])                # (R, 2): hsic_zy, hsic_zz
+    mean, sd = draws.mean(0), draws.std(0)
+    assert ((mean - exact).abs() < 4 * sd / math.sqrt(R)).all(), (mean, exact, sd)
+    one = torch.stack(ssl_hsic.hsic_rff(z, c, 128, torch.Generator().manual_seed(7)))
+    assert ((one - exact).abs() < 5 * sd).all()
+    assert (sd > 0).all()     # the draws really differ: the checks above are not vacuous
+
+
+def test_ssl_hsic_invariant_to_image_permutation_and_view_order():
+    z = unit_views(4, 6, 5, seed=2)
+    loss, _ = ssl_hsic.ssl_hsic_loss(z)
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ssl_hsic.ssl_hsic_loss(z[:, perm])[0], loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ssl_hsic.ssl_hsic_loss(z[[2, 0, 3, 1]])[0], loss, rtol=1e-12, atol=1e-14)
+
+
+def test_ssl_hsic_gradients():
+    """Spec 10.9: gradcheck of the exact loss; the scale c gets no gradient from the HSIC terms."""
+    z = unit_views(3, 4, 3, seed=4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ssl_hsic.ssl_hsic_loss(t, sigma=0.9)[0], (z,))
+    c = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    loss, _ = ssl_hsic.ssl_hsic_loss(z, sigma=c, num_features=32, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert c.grad is None and z.grad.abs().sum() > 0
+
+
+def test_ssl_hsic_collapse_and_perfect_alignment_values():
+    """All views identical within an image and images orthonormal: hsic_zy = 1 + 1/(M-1) - mean K."""
+    M, N = 4, 6
+    z = torch.eye(N, dtype=torch.float64).expand(M, N, N).clone()
+    _, logs = ssl_hsic.ssl_hsic_loss(z)
+    k_other = 1 / math.sqrt(3)                      # ||e_i - e_j||^2 = 2, c = 1
+    mean_k = (1 + (N - 1) * k_other) / N
+    assert logs["hsic_zy"].item() == pytest.approx(M * M / (M * (M - 1)) - mean_k, rel=1e-12)
+    # Full collapse (every row the same point): nothing varies, so HSIC(Z, Z) = 0.
+    _, logs = ssl_hsic.ssl_hsic_loss(torch.ones(M, N, 3, dtype=torch.float64) / math.sqrt(3))
+    assert logs["hsic_zz"].item() == pytest.approx(0.0, abs=1e-14)
+    assert logs["hsic_zy"].item() == pytest.approx(1 / (M - 1), abs=1e-12)
+
+
+def _scale_objective(c, d2):
+    """Spec 3.6 written directly: mean of 1/2 log max(g^2, 1e-14), g = -(c/2)(d2 + c^2)^(-3/2)."""
+    g = -(c / 2) / (d2 + c * c) ** 1.5
+    return (0.5 * torch.log(torch.clamp(g * g, min=1e-14))).mean()
+
+
+def test_ssl_hsic_scale_step_is_adam_on_the_grad_norm_objective():
+    M, N, D = 4, 10, 5
+    z = unit_views(M, N, D, seed=3)
+    crit = ssl_hsic.SSLHSIC(num_features=16, seed=2)
+    c_param = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+    adam = torch.optim.Adam([c_param], lr=3e-4, betas=(0.9, 0.999), eps=1e-8)
+    for _ in range(3):
+        g = crit._generator(z.device, 0)       # the draw the module makes for this call
+        rows = [z[torch.arange(M)[:, None], torch.randint(N, (M, 1024 // M), generator=g)].reshape(-1, D)
+                for _ in range(2)]
+        d2 = ((rows[0][:, None, :] - rows[1][None, :, :]) ** 2).sum(-1)
+        adam.zero_grad()
+        (-_scale_objective(c_param, d2)).backward()
+        adam.step()
+        _, logs = crit(z)
+        assert logs["c"] != crit.c.item()      # the loss used c from before the step
+        assert crit.c.item() == pytest.approx(c_param.item(), rel=1e-12)
+
+
+def test_ssl_hsic_scale_objective_optimum():
+    """Spec 10.10: with every squared distance equal to d, the objective peaks at c = sqrt(d / 2);
+    with a learning rate raised for speed, the module's c converges to the all-pairs optimum."""
+    d2 = torch.full((4, 4), 0.8, dtype=torch.float64)
+    cs = torch.linspace(0.2, 1.5, 1301, dtype=torch.float64)
+    best = cs[torch.stack([_scale_objective(c, d2) for c in cs]).argmax()]
+    assert best.item() == pytest.approx(math.sqrt(0.4), abs=1e-3)
+    M, N = 2, 16
+    z = torch.eye(N, dtype=torch.float64).expand(M, N, N).clone()   # d2 is 0 (same image) or 2
+    crit = ssl_hsic.SSLHSIC(num_features=8, scale_lr=0.01)
+    for _ in range(1500):
+        crit(z)
+    # All-pairs stationary point: mean over pairs of 3c^2 / (d2 + c^2) = 1 (spec 3.6).
+    share_same = 1 / N
+    f = lambda c: share_same * 3 + (1 - share_same) * 3 * c**2 / (2 + c**2) - 1
+    lo, hi = 0.01, 5.0
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if f((lo + hi) / 2) < 0 else (lo, (lo + hi) / 2)
+    assert crit.c.item() == pytest.approx(lo, rel=0.03)
+
+
+def test_ssl_hsic_loss_trains_free_embeddings_without_collapse():
+    """Spec 10.13 on free parameters: the loss falls, views of one image align, the images stay
+    spread over the sphere, and c stays positive and finite."""
+    torch.manual_seed(0)
+    N, D = 32, 8
+    base = torch.randn(N, D, requires_grad=True)
+    noise = torch.randn(2, N, D, generator=torch.Generator().manual_seed(1))
+
+    def alignment():   # mean cosine between two fixed noisy views of each image
+        v = F.normalize(base.detach() + 0.4 * noise, dim=2)
+        return (v[0] * v[1]).sum(1).mean().item()
+    crit = ssl_hsic.SSLHSIC(num_features=256)
+    opt = torch.optim.SGD([base], lr=20.0)
+    losses, align_before = [], alignment()
+    for _ in range(150):
+        loss, logs = crit(F.normalize(base + 0.4 * torch.randn(4, N, D), dim=2))
+        losses.append(logs["loss"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05
+    assert alignment() > align_before + 0.02
+    assert 0 < crit.c.item() < 10
+    e = F.normalize(base.detach(), dim=1)
+    assert (e @ e.T)[~torch.eye(N, dtype=torch.bool)].mean().abs() < 0.1   # not collapsed onto a point
+
+
+# ============================================================================================
 # Schedule, networks, sampler, data
 # ============================================================================================
 
@@ -475,6 +700,170 @@ def test_model_architecture():
     # ImageNet stem: the backbone loads into torchvision's ResNet-50 with only fc missing.
     missing = torchvision.models.resnet50().load_state_dict(imnet.backbone.state_dict(), strict=False)
     assert sorted(missing.missing_keys) == ["fc.bias", "fc.weight"] and not missing.unexpected_keys
+
+
+def hsic_tiny_cfg(*extra):
+    return ssl_hsic.parse_args(["--cpu"] + [str(a) for a in tiny("ssl_hsic.py") + list(extra)])
+
+
+def test_ssl_hsic_schedules_match_spec():
+    """Spec 10.11 at the official ImageNet sizes: LR 0 -> 0.4 B/256 -> 0, tau 0.99 -> 1."""
+    spe = 312
+    cfg = argparse.Namespace(lr=0.4, batch_size=4096, warmup_epochs=10, epochs=1000, steps_per_epoch=spe,
+                             tau=0.99)
+    W, K = 10 * spe, 1000 * spe
+    assert ssl_hsic.lr_at(cfg, 0) == 0.0
+    assert ssl_hsic.lr_at(cfg, W // 2) == pytest.approx(3.2)
+    assert ssl_hsic.lr_at(cfg, W) == pytest.approx(6.4)
+    assert ssl_hsic.lr_at(cfg, W + (K - W) // 2) == pytest.approx(3.2)
+    assert ssl_hsic.lr_at(cfg, K) == pytest.approx(0.0, abs=1e-12)
+    assert ssl_hsic.tau_at(cfg, 0) == pytest.approx(0.99)
+    assert ssl_hsic.tau_at(cfg, K // 2) == pytest.approx(0.995)
+    assert ssl_hsic.tau_at(cfg, K) == pytest.approx(1.0)
+
+
+def test_lars_step_matches_hand_computation():
+    """Spec 10.11: BYOL's LARS on a weight (decay + trust ratio), a bias (neither) and an
+    all-zero weight (trust ratio 1)."""
+    torch.manual_seed(0)
+    w, b, zero = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64), \
+        torch.zeros(2, 2, dtype=torch.float64)
+    params = [p.clone().requires_grad_() for p in (w, b, zero)]
+    opt = ssl_hsic.LARS([{"params": [params[0], params[2]]}, {"params": [params[1]], "lars": False}],
+                        lr=0.7, momentum=0.9, weight_decay=0.01, eta=0.002)
+    want, mu = [w.clone(), b.clone(), zero.clone()], [0, 0, 0]
+    for step in range(2):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for k in range(3):
+            g = grads[k]
+            if k != 1:
+                u = g + 0.01 * want[k]
+                pn, un = want[k].norm().item(), u.norm().item()
+                ratio = 0.002 * pn / un if pn > 0 and un > 0 else 1.0
+                u = ratio * u
+            else:
+                u = g
+            mu[k] = 0.9 * mu[k] + u
+            want[k] = want[k] - 0.7 * mu[k]
+        for p, v in zip(params, want):
+            torch.testing.assert_close(p.detach(), v, rtol=1e-12, atol=1e-14)
+
+
+def test_ssl_hsic_model_and_optimizer_groups():
+    cfg = hsic_tiny_cfg()
+    m = ssl_hsic.Model(cfg)
+    lin = [l for l in m.online.projector if isinstance(l, nn.Linear)]
+    assert [(l.in_features, l.out_features, l.bias is not None) for l in lin] == [(512, 64, True), (64, 32, False)]
+    assert any(isinstance(l, nn.BatchNorm1d) for l in m.predictor)
+    assert [l.out_features for l in m.predictor if isinstance(l, nn.Linear)] == [64, 32]
+    # The target is initialised independently and never trained by the optimiser.
+    assert not torch.equal(m.target.projector[0].weight, m.online.projector[0].weight)
+    assert not any(p.requires_grad for p in m.target.parameters())
+    assert m.backbone is m.ema and not any(p.requires_grad for p in m.ema.parameters())
+    for a, b in zip(m.ema.state_dict().values(), m.online.backbone.state_dict().values()):
+        assert torch.equal(a, b)
+    opt = ssl_hsic.make_optimizer(m, cfg)
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in list(m.online.parameters()) + list(m.predictor.parameters())}
+    assert all(p.ndim == 1 for p in opt.param_groups[1]["params"]) and not opt.param_groups[1]["lars"]
+    z = m(torch.randn(3, 3, 16, 16))
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(3))
+    copy_init = ssl_hsic.Model(hsic_tiny_cfg("--target-init", "copy"))
+    assert torch.equal(copy_init.target.projector[0].weight, copy_init.online.projector[0].weight)
+    bare = ssl_hsic.Model(hsic_tiny_cfg("--no-target", "--eval-weights", "online"))
+    assert bare.target is None and isinstance(bare.predictor, nn.Identity) and bare.backbone is bare.online.backbone
+
+
+def test_ssl_hsic_train_step_updates_target_by_the_tau_schedule():
+    cfg = hsic_tiny_cfg("--eval-ema", "0.9")
+    cfg.steps_per_epoch = 10
+    model, criterion, optimizer, scaler = ssl_hsic.build(cfg, argparse.Namespace(device=torch.device("cpu"),
+                                                                                   world=1))
+    model.train()
+    x = torch.randn(2, 16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    step = 7
+    target_before = [p.clone() for p in model.target.parameters()]
+    ema_before = [p.clone() for p in model.ema.parameters()]
+    logs = ssl_hsic.train_step(model, criterion, optimizer, scaler, [x[0], x[1]], step, cfg)
+    tau = 1 - 0.01 * (math.cos(math.pi * step / 20) + 1) / 2
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.6 * 16 / 256 * step / 10)
+    assert math.isfinite(logs["loss"]) and logs["c"] == 1.0 and criterion.c.item() != 1.0
+    for t, t0, o in zip(model.target.parameters(), target_before, model.online.parameters()):
+        torch.testing.assert_close(t, tau * t0 + (1 - tau) * o, rtol=1e-6, atol=1e-7)
+    for e, e0, o in zip(model.ema.parameters(), ema_before, model.online.backbone.parameters()):
+        torch.testing.assert_close(e, 0.9 * e0 + 0.1 * o, rtol=1e-6, atol=1e-7)
+    for e, o in zip(model.ema.buffers(), model.online.backbone.buffers()):
+        assert torch.equal(e, o)
+
+
+HSIC_2P = {"exact": dict(num_features=None), "shared": dict(num_features=64, shared_draws=True),
+           "per_rank": dict(num_features=64)}
+
+
+def _hsic_distributed_run(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    per = 8 // world
+    result = {}
+    for name, kw in HSIC_2P.items():
+        crit = ssl_hsic.SSLHSIC(seed=5, **kw)
+        z = unit_views(4, 8, 3, seed=21)[:, rank * per:(rank + 1) * per].clone().requires_grad_()
+        loss, _ = crit(torch.stack([common.gather_with_grad(v) for v in z]))
+        loss.backward()
+        result[name] = (loss.detach(), z.grad / world, crit.c.clone())   # DDP divides by world
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ssl_hsic_two_processes_equal_one(tmp_path):
+    """Spec 10.12: exact and shared-draw RFF losses and input gradients equal the single-process
+    values; with per-rank draws the averaged gradient is the mean of the single-process gradients
+    computed with each rank's draw. c is the same everywhere."""
+    mp.spawn(_hsic_distributed_run, args=(2, common.free_port(), str(tmp_path)), nprocs=2)
+    z = unit_views(4, 8, 3, seed=21)
+    single = {}
+    for name, kw in HSIC_2P.items():
+        crit = ssl_hsic.SSLHSIC(seed=5, **kw)
+        per_draw = []
+        for rank in range(2 if name == "per_rank" else 1):
+            zz = z.clone().requires_grad_()
+            g = crit._generator(z.device, 1 + rank) if kw["num_features"] else None
+            loss, _ = ssl_hsic.ssl_hsic_loss(zz, 3.0, crit.c, kw["num_features"], g)
+            loss.backward()
+            per_draw.append((loss.detach(), zz.grad))
+        crit(z)   # advances c exactly as one training call does
+        single[name] = (per_draw, torch.stack([gr for _, gr in per_draw]).mean(0), crit.c)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, (per_draw, mean_grad, c) in single.items():
+            loss, grad, c_got = got[name]
+            want_loss = per_draw[rank if name == "per_rank" else 0][0]
+            torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(grad, mean_grad[:, rank * 4:(rank + 1) * 4], rtol=1e-10, atol=1e-13)
+            torch.testing.assert_close(c_got, c, rtol=0, atol=0)
+    # Per-rank draws differ, so the check above compares a genuine average.
+    assert not torch.allclose(single["per_rank"][0][0][0], single["per_rank"][0][1][0])
+
+
+def test_ssl_hsic_presets_match_spec_table():
+    c = ssl_hsic.parse_args(["--data", "imagenet", "--cpu"])
+    assert (c.arch, c.stem, c.image_size, c.batch_size, c.epochs, c.lr, c.warmup_epochs, c.wd, c.eta,
+            c.momentum) == ("resnet50", "imagenet", 224, 4096, 1000, 0.4, 10, 1e-6, 1e-3, 0.9)
+    assert (c.projector, c.predictor, c.gamma, c.sigma, c.num_features, c.tau, c.eval_ema, c.estimator,
+            c.target, c.fixed_scale) == ("4096-256", "4096-256", 3.0, 1.0, 512, 0.99, 0.999, "rff", True, False)
+    c = ssl_hsic.parse_args(["--data", "cifar10", "--cpu"])
+    assert (c.arch, c.stem, c.batch_size, c.epochs) == ("resnet18", "cifar", 512, 1000)
+
+
+def test_ssl_hsic_refuses_bad_scale_and_heads(tmp_path):
+    for args, words in ((["--sigma", 0], "--sigma must be > 0"), (["--predictor", "64-16"], "must end in")):
+        proc = run_script(*tiny("ssl_hsic.py"), *args, "--output-dir", tmp_path / "o", script="ssl_hsic.py")
+        assert words in assert_one_line_error(proc)
+        assert not (tmp_path / "o").exists()
 
 
 def test_presets_match_spec_table():
@@ -637,17 +1026,18 @@ def _distributed_run(rank, world, port, out, script):
     model = _Normalised(out_dim)
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    cfg = argparse.Namespace(amp="off", use_cuda=False)
+    cfg = argparse.Namespace(amp="off", use_cuda=False, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=1,
+                             lr_per_step=True, steps_per_epoch=1)    # lr_at gives 0.1 at step 0
     x = torch.randn(2, N, 12, generator=torch.Generator().manual_seed(5))
     MODULES[script].train_step(ddp, crit, opt, torch.amp.GradScaler(enabled=False),
-                          x[0, rank * per:(rank + 1) * per], x[1, rank * per:(rank + 1) * per], cfg)
+                               [x[0, rank * per:(rank + 1) * per], x[1, rank * per:(rank + 1) * per]], 0, cfg)
     result["params"] = [p.detach().clone() for p in model.parameters()]
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     if world > 1:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("script", METHOD_FILES)
+@pytest.mark.parametrize("script", ["corinfomax.py", "explicit_mim.py"])
 def test_two_processes_equal_one(tmp_path, script):
     _distributed_run(0, 1, 0, str(tmp_path), script)
     os.rename(tmp_path / "rank0.pt", tmp_path / "single.pt")
@@ -686,7 +1076,8 @@ def test_demo_run_writes_outputs_and_exports_a_torchvision_backbone(tmp_path, sc
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3]
     assert any(r["event"] == "probe" and "top1" in r["trained"] for r in records)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 3 and all(t.dtype == torch.float64 for t in ckpt["criterion"].values())
+    assert ckpt["step"] == 3
+    assert all(t.dtype == torch.float64 for t in ckpt["criterion"].values() if t.is_floating_point())
     # The export loads into torchvision's ResNet-18 (with the same CIFAR stem), nothing left over.
     net = torchvision.models.resnet18()
     net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
@@ -718,6 +1109,9 @@ def test_resume_is_exact(tmp_path, script):
             assert torch.equal(group_a[k], group_b[k]), k
     for k in oa:
         assert torch.equal(oa[k]["momentum_buffer"], ob[k]["momentum_buffer"])
+    if script == "ssl_hsic.py":   # the comparison above covered the target, the EMA and c
+        assert any(k.startswith("target.") for k in mb) and any(k.startswith("ema.") for k in mb)
+        assert cb["c"].item() != 1.0 and int(cb["_extra_state"]) == 6
 
 
 @pytest.mark.parametrize("script", METHOD_FILES)
@@ -803,13 +1197,11 @@ def test_corrupt_checkpoint_is_refused_and_kept(tmp_path, script):
 @pytest.mark.parametrize("script", METHOD_FILES)
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, script):
     out = tmp_path / "o"
-    # An odd output dimension and eps = -2 make a D x D covariance + eps I negative definite with
-    # a negative determinant: logdet is NaN at the first resumed step, deterministically.
-    good = run_script(*tiny(script, odd=True), "--max-steps", 2, "--output-dir", out, script=script)
+    heads, poison = NAN_ARGS[script]   # NaN at the first resumed step, deterministically
+    good = run_script(*tiny(script), *heads, "--max-steps", 2, "--output-dir", out, script=script)
     assert good.returncode == 0, good.stderr
     ckpt = (out / "checkpoint.pt").read_bytes()
-    proc = run_script(*tiny(script, odd=True), "--eps", -2, "--max-steps", 4, "--output-dir", out,
-                      script=script)
+    proc = run_script(*tiny(script), *heads, *poison, "--max-steps", 4, "--output-dir", out, script=script)
     line = assert_one_line_error(proc, code=3)
     assert "loss is nan at step 3" in line and "checkpoint" in line
     assert (out / "checkpoint.pt").read_bytes() == ckpt
@@ -824,7 +1216,7 @@ BANNERS = ["Config", "Loss", "Networks", "Augmentation", "Data", "Optimisation",
 # Functions and classes that must be identical in every method file.
 SHARED = ["TensorImages", "Views", "load_datasets", "read_dataset", "make_loader", "eval_loader",
           "autocast", "extract", "topk", "knn_accuracy", "cached_probe", "linear_probe", "feature_dim",
-          "evaluate", "to_device", "build", "train_step", "checkpoint_state", "restore", "train", "finish",
+          "evaluate", "to_device", "build", "checkpoint_state", "restore", "train", "finish",
           "out_dim", "config_dict", "format_time", "main"]
 
 
@@ -855,3 +1247,8 @@ def test_shared_sections_identical_across_method_files():
         defs = _definitions(path)
         for name in SHARED:
             assert defs[name] == reference[name], f"{name} differs between {METHOD_FILES[0]} and {path}"
+    # The two log-det methods also share their training step and LR schedule.
+    for pair, names in ((("corinfomax.py", "explicit_mim.py"), ["train_step", "lr_at"]),):
+        a, b = (_definitions(p) for p in pair)
+        for name in names:
+            assert a[name] == b[name], f"{name} differs between {pair[0]} and {pair[1]}"
