@@ -26,6 +26,7 @@ import torchvision
 import common
 import corinfomax
 import explicit_mim
+import hydes
 import ssl_hsic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,11 +65,12 @@ TINY = ["--data", "synthetic", "--synthetic-train", 64, "--synthetic-test", 40, 
 # with eps = -2 (a negative-definite covariance + eps I), for SSL-HSIC gamma = nan. argparse
 # keeps the last value of a repeated flag.
 TINY_HEADS = {"corinfomax.py": ["--projector", "64-32"], "explicit_mim.py": ["--projector", "64-6"],
-              "ssl_hsic.py": ["--projector", "64-32", "--predictor", "64-32"]}
+              "ssl_hsic.py": ["--projector", "64-32", "--predictor", "64-32"], "hydes.py": ["--projector", "64-32"]}
 NAN_ARGS = {"corinfomax.py": (["--projector", "64-33"], ["--eps", -2]),
             "explicit_mim.py": (["--projector", "64-5"], ["--eps", -2]),
-            "ssl_hsic.py": ([], ["--gamma", "nan"])}
-MODULES = {"corinfomax.py": corinfomax, "explicit_mim.py": explicit_mim, "ssl_hsic.py": ssl_hsic}
+            "ssl_hsic.py": ([], ["--gamma", "nan"]), "hydes.py": ([], ["--alpha", "nan"])}
+MODULES = {"corinfomax.py": corinfomax, "explicit_mim.py": explicit_mim, "ssl_hsic.py": ssl_hsic,
+           "hydes.py": hydes}
 
 
 def tiny(script):
@@ -77,6 +79,13 @@ def tiny(script):
 
 def files_snapshot(folder):
     return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
+def _join_gloo(rank, world, port):
+    """Join a gloo process group on this machine (inside an mp.spawn child)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
 
 
 # ============================================================================================
@@ -652,6 +661,216 @@ def test_ssl_hsic_loss_trains_free_embeddings_without_collapse():
 
 
 # ============================================================================================
+# HyDeS loss against a naive float64 evaluation of the vMF densities (hydes spec 3-4, 10)
+# ============================================================================================
+
+def naive_log_vmf_normaliser(D, kappa):
+    """log C_D(kappa) from the plain Bessel series I_nu(k) = sum_m (k/2)^(2m+nu) / (m! Gamma(m+nu+1))."""
+    nu = D / 2 - 1
+    bessel = sum((kappa / 2) ** (2 * m + nu) / (math.factorial(m) * math.gamma(m + nu + 1)) for m in range(80))
+    return nu * math.log(kappa) - D / 2 * math.log(2 * math.pi) - math.log(bessel)
+
+
+def naive_hydes(z, kappa, alpha, beta, global_self, global_positives=True):
+    """Explicit loops over anchors i and neighbours j of the densities C_D exp(kappa z_i.z_j)."""
+    V, N, D = z.shape
+    C = math.exp(naive_log_vmf_normaliser(D, kappa))
+    pts = [(z[v, n], n) for v in range(V) for n in range(N)]
+    h_loc, h_glob = 0.0, 0.0
+    for i, (zi, ni) in enumerate(pts):
+        local = [C * torch.exp(kappa * (zi * zj).sum()) for j, (zj, nj) in enumerate(pts) if nj == ni and j != i]
+        glob = [C * torch.exp(kappa * (zi * zj).sum()) for j, (zj, nj) in enumerate(pts)
+                if (j != i or global_self) and (nj != ni or j == i or global_positives)]
+        h_loc = h_loc - torch.log(sum(local) / len(local))
+        h_glob = h_glob - torch.log(sum(glob) / len(glob))
+    h_loc, h_glob = h_loc / len(pts), h_glob / len(pts)
+    return h_loc, h_glob
+
+
+@pytest.mark.parametrize("V,N,D,kappa,alpha,beta,self_", [
+    (2, 4, 3, 10.0, 1.0, 1.0, True), (2, 5, 4, 5.0, 1.0, 1.0, False), (3, 3, 5, 10.0, 0.5, 1.0, True),
+    (4, 3, 3, 2.0, 0.75, 1.25, False), (3, 4, 6, 8.0, 1.0, 0.5, True)])
+def test_hydes_matches_naive_densities(V, N, D, kappa, alpha, beta, self_):
+    z = unit_views(V, N, D, seed=V * 10 + N).requires_grad_()
+    z_naive = z.detach().clone().requires_grad_()
+    loss, logs = hydes.hydes_loss(z, kappa, alpha, beta, global_self=self_)
+    h_loc, h_glob = naive_hydes(z_naive, kappa, alpha, beta, self_)
+    log_c = naive_log_vmf_normaliser(D, kappa)
+    want = beta * h_loc - alpha * h_glob - (alpha - beta) * log_c    # the constant the loss drops
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-10)
+    assert logs["h_local"].item() == pytest.approx(h_loc.item(), rel=1e-10)
+    assert logs["h_global"].item() == pytest.approx(h_glob.item(), rel=1e-10)
+    assert logs["mi"].item() == pytest.approx((alpha * h_glob - beta * h_loc).item(), rel=1e-9, abs=1e-9)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(z.grad, z_naive.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_hydes_global_positives_switch_matches_naive():
+    z = unit_views(3, 4, 4, seed=1)
+    loss, logs = hydes.hydes_loss(z, 6.0, global_self=False, global_positives=False)
+    h_loc, h_glob = naive_hydes(z, 6.0, 1.0, 1.0, global_self=False, global_positives=False)
+    assert loss.item() == pytest.approx((h_loc - h_glob).item(), rel=1e-10)
+
+
+def nt_xent(z1, z2, tau):
+    """SimCLR's NT-Xent written as a 2N-way cross-entropy: the positive of row i is its other view."""
+    z = torch.cat([z1, z2])
+    n = len(z1)
+    logits = z @ z.T / tau
+    logits.fill_diagonal_(-math.inf)
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(logits, target)
+
+
+def test_hydes_is_nt_xent_with_leave_one_out():
+    """Spec 4.1: V = 2, alpha = beta = 1, no self pair: L = NT-Xent(tau = 1/kappa) - log(M - 1)."""
+    z = unit_views(2, 7, 5, seed=3)
+    for kappa in (2.0, 10.0):
+        loss, _ = hydes.hydes_loss(z, kappa, global_self=False)
+        want = nt_xent(z[0], z[1], 1 / kappa) - math.log(2 * 7 - 1)
+        assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_hydes_mi_cap_and_collapse():
+    """Spec 4.3-4.4: I <= log(|A| / (V - 1)) (reached by aligned views of orthogonal images at
+    large kappa); all embeddings equal give loss (alpha - beta) kappa and I = 0 for alpha = beta."""
+    for V, N, self_ in ((2, 6, False), (3, 5, True), (4, 4, True)):
+        M = V * N
+        cap = math.log((M if self_ else M - 1) / (V - 1))
+        for z in (unit_views(V, N, N, seed=V), torch.eye(N, dtype=torch.float64).expand(V, N, N).clone()):
+            _, logs = hydes.hydes_loss(z, 40.0, global_self=self_)
+            assert logs["mi"].item() <= cap + 1e-9
+        # Aligned views of orthogonal images: the cap without the self pair, log(M / V) with it
+        # (the self term e^kappa then joins the V - 1 positives in the global sum).
+        reached = cap if not self_ else math.log(M / V)
+        assert logs["mi"].item() == pytest.approx(reached, abs=1e-6)
+    same = torch.ones(3, 4, 5, dtype=torch.float64) / math.sqrt(5)
+    for alpha, beta in ((1.0, 1.0), (0.5, 1.0)):
+        loss, logs = hydes.hydes_loss(same, 10.0, alpha, beta)
+        assert loss.item() == pytest.approx((alpha - beta) * 10.0, abs=1e-10)
+    assert logs["h_local"].item() == pytest.approx(logs["h_global"].item(), rel=1e-12)
+
+
+def test_hydes_gradient_closed_form_and_gradcheck():
+    """Spec 4.2: dL/dZ = (kappa / M)(W + W^T) Z, W = alpha W^A - beta W^P (row softmaxes)."""
+    V, N, D, kappa, alpha, beta = 3, 4, 5, 7.0, 0.8, 1.1
+    z = unit_views(V, N, D, seed=8).requires_grad_()
+    for self_ in (True, False):
+        loss, _ = hydes.hydes_loss(z, kappa, alpha, beta, global_self=self_)
+        grad, = torch.autograd.grad(loss, z)
+        Z = z.detach().reshape(-1, D)
+        M = len(Z)
+        logits = kappa * Z @ Z.T
+        image = torch.arange(N).repeat(V)
+        pos = (image[:, None] == image[None, :]) & ~torch.eye(M, dtype=torch.bool)
+        glob = torch.ones(M, M, dtype=torch.bool) if self_ else ~torch.eye(M, dtype=torch.bool)
+        WA = torch.softmax(logits.masked_fill(~glob, -math.inf), 1)
+        WP = torch.softmax(logits.masked_fill(~pos, -math.inf), 1)
+        W = alpha * WA - beta * WP
+        torch.testing.assert_close(grad.reshape(-1, D), kappa / M * (W + W.T) @ Z, rtol=1e-10, atol=1e-12)
+    x = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: hydes.hydes_loss(F.normalize(t, dim=2), 3.0, 0.7, 1.0)[0], (x,))
+
+
+def test_hydes_invariances_and_self_weight():
+    z = unit_views(3, 5, 4, seed=6)
+    loss, logs = hydes.hydes_loss(z, 10.0)
+    perm = torch.randperm(5, generator=torch.Generator().manual_seed(1))
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    for other in (z[:, perm], z[[2, 0, 1]], z @ Q):
+        torch.testing.assert_close(hydes.hydes_loss(other, 10.0)[0], loss, rtol=1e-12, atol=1e-12)
+    # Self weight e^kappa / sum_{j in A(i)} e^(kappa s_ij), averaged over anchors (spec 10.7).
+    Z = z.reshape(-1, 4)
+    want = (math.exp(10.0) / torch.exp(10.0 * Z @ Z.T).sum(1)).mean()
+    assert logs["w_self"].item() == pytest.approx(want.item(), rel=1e-10)
+    assert hydes.hydes_loss(z, 10.0, global_self=False)[1]["w_self"].item() == 0.0
+
+
+def test_hydes_anchor_subsets_average_to_the_full_loss():
+    z = unit_views(3, 6, 4, seed=4)
+    full, _ = hydes.hydes_loss(z, 5.0, 0.9, 1.0)
+    halves = [hydes.hydes_loss(z, 5.0, 0.9, 1.0, anchors=s)[0] for s in (slice(0, 3), slice(3, 6))]
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, full, rtol=1e-12, atol=1e-12)
+
+
+def test_log_vmf_normaliser():
+    for kappa in (0.5, 2.0, 10.0, 50.0):
+        want = math.log(kappa / (4 * math.pi * math.sinh(kappa)))       # C_3 = kappa / (4 pi sinh kappa)
+        assert hydes.log_vmf_normaliser(3, kappa) == pytest.approx(want, rel=1e-12)
+    assert hydes.log_vmf_normaliser(128, 10.0) == pytest.approx(126.66, abs=0.01)
+    assert hydes.log_vmf_normaliser(16, 3.0) == pytest.approx(naive_log_vmf_normaliser(16, 3.0), rel=1e-12)
+    assert math.isfinite(hydes.log_vmf_normaliser(4096, 10.0))
+
+
+def test_hydes_trains_free_embeddings_below_the_cap():
+    """Spec 10.11 on free parameters: the MI estimate rises and stays below its cap."""
+    torch.manual_seed(0)
+    V, N, D = 2, 32, 8
+    base = torch.randn(N, D, requires_grad=True)
+    crit = hydes.HyDeSLoss(kappa=10.0)
+    opt = torch.optim.SGD([base], lr=1.0)
+    mis = []
+    for _ in range(100):
+        loss, logs = crit(F.normalize(base + 0.4 * torch.randn(V, N, D), dim=2))
+        mis.append(logs["mi"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert np.mean(mis[-10:]) > np.mean(mis[:10]) + 0.5
+    assert max(mis) <= math.log(V * N / (V - 1)) + 1e-6
+
+
+def test_hydes_train_step_under_bf16_autocast():
+    """Spec 10.9: bf16 autocast in the network, float32 loss: finite loss, finite gradients."""
+    cfg = hydes.parse_args(["--cpu", "--amp", "bf16"] + [str(a) for a in tiny("hydes.py")])
+    cfg.steps_per_epoch = 4
+    model, criterion, optimizer, scaler = hydes.build(cfg, argparse.Namespace(device=torch.device("cpu"), world=1))
+    x = torch.randn(2, 8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    logs = hydes.train_step(model, criterion, optimizer, scaler, [x[0], x[1]], 2, cfg)
+    assert math.isfinite(logs["loss"]) and all(torch.isfinite(p).all() for p in model.parameters())
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.2 * 16 / 256 * 2 / 4)
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0       # biases and BatchNorm
+
+
+def _hydes_distributed_run(rank, world, port, out):
+    _join_gloo(rank, world, port)
+    per = 8 // world
+    result = {}
+    for self_ in (True, False):
+        z = unit_views(3, 8, 4, seed=31)[:, rank * per:(rank + 1) * per].clone().requires_grad_()
+        loss, logs = hydes.HyDeSLoss(6.0, 0.8, 1.0, global_self=self_)(
+            torch.stack([common.gather_with_grad(v) for v in z]))
+        loss.backward()
+        result[self_] = (logs["loss"], z.grad / world)     # DDP divides by world
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_hydes_two_processes_equal_one(tmp_path):
+    """Spec 10.10: local anchors against gathered columns give the single-process loss and input
+    gradients, with and without the self pair (3 views: checks image ids and self columns)."""
+    mp.spawn(_hydes_distributed_run, args=(2, common.free_port(), str(tmp_path)), nprocs=2)
+    for self_ in (True, False):
+        z = unit_views(3, 8, 4, seed=31).requires_grad_()
+        loss, _ = hydes.hydes_loss(z, 6.0, 0.8, 1.0, global_self=self_)
+        loss.backward()
+        for rank in range(2):
+            got_loss, got_grad = torch.load(tmp_path / f"rank{rank}.pt")[self_]
+            assert got_loss == pytest.approx(loss.item(), rel=1e-12)
+            torch.testing.assert_close(got_grad, z.grad[:, rank * 4:(rank + 1) * 4], rtol=1e-10, atol=1e-13)
+
+
+def test_hydes_views_and_local_crops_run(tmp_path):
+    proc = run_script(*tiny("hydes.py"), "--views", 4, "--local-crops", 2, "--max-steps", 1,
+                      "--output-dir", tmp_path / "o", script="hydes.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(hydes.pretrain_views(hydes.parse_args(["--views", "4", "--local-crops", "2", "--cpu"]))) == 6
+    proc = run_script(*tiny("hydes.py"), "--views", 1, "--output-dir", tmp_path / "p", script="hydes.py")
+    assert "--views >= 2" in assert_one_line_error(proc)
+
+
+# ============================================================================================
 # Schedule, networks, sampler, data
 # ============================================================================================
 
@@ -804,9 +1023,7 @@ HSIC_2P = {"exact": dict(num_features=None), "shared": dict(num_features=64, sha
 
 
 def _hsic_distributed_run(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    _join_gloo(rank, world, port)
     per = 8 // world
     result = {}
     for name, kw in HSIC_2P.items():
@@ -1247,8 +1464,10 @@ def test_shared_sections_identical_across_method_files():
         defs = _definitions(path)
         for name in SHARED:
             assert defs[name] == reference[name], f"{name} differs between {METHOD_FILES[0]} and {path}"
-    # The two log-det methods also share their training step and LR schedule.
-    for pair, names in ((("corinfomax.py", "explicit_mim.py"), ["train_step", "lr_at"]),):
+    # Pairs of methods that share more: the two log-det methods their training step, SSL-HSIC
+    # and HyDeS their LARS and LR schedule.
+    for pair, names in ((("corinfomax.py", "explicit_mim.py"), ["train_step", "lr_at"]),
+                        (("ssl_hsic.py", "hydes.py"), ["LARS", "lr_at"])):
         a, b = (_definitions(p) for p in pair)
         for name in names:
             assert a[name] == b[name], f"{name} differs between {pair[0]} and {pair[1]}"
