@@ -829,7 +829,7 @@ def test_hydes_train_step_under_bf16_autocast():
     x = torch.randn(2, 8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     logs = hydes.train_step(model, criterion, optimizer, scaler, [x[0], x[1]], 2, cfg)
     assert math.isfinite(logs["loss"]) and all(torch.isfinite(p).all() for p in model.parameters())
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.2 * 16 / 256 * 2 / 4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * 16 / 256 * 2 / 4)   # warm-up
     assert optimizer.param_groups[1]["weight_decay"] == 0.0       # biases and BatchNorm
 
 
@@ -1008,7 +1008,7 @@ def test_ssl_hsic_train_step_updates_target_by_the_tau_schedule():
     ema_before = [p.clone() for p in model.ema.parameters()]
     logs = ssl_hsic.train_step(model, criterion, optimizer, scaler, [x[0], x[1]], step, cfg)
     tau = 1 - 0.01 * (math.cos(math.pi * step / 20) + 1) / 2
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.6 * 16 / 256 * step / 10)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * 16 / 256 * step / 10)   # warm-up
     assert math.isfinite(logs["loss"]) and logs["c"] == 1.0 and criterion.c.item() != 1.0
     for t, t0, o in zip(model.target.parameters(), target_before, model.online.parameters()):
         torch.testing.assert_close(t, tau * t0 + (1 - tau) * o, rtol=1e-6, atol=1e-7)
