@@ -75,6 +75,7 @@ RESULTS (linear top-1 %; no HyDeS number has been published that we could read; 
     Fashion-MNIST, --global-self exclude           87.27 vs 74.64
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -226,6 +227,7 @@ def out_dim(cfg):
 # In a multi-GPU run, pass the gathered views (all_gather with gradient) and this process's
 # images as `anchors`: rows are the local anchors, columns the whole global batch (spec 3.5).
 
+@functools.lru_cache   # a constant of the run: computed once, not at every step
 def log_vmf_normaliser(D, kappa):
     """log C_D(kappa) of the vMF density on S^(D-1), in float64 (spec 3.4).
 
