@@ -1434,7 +1434,7 @@ BANNERS = ["Config", "Loss", "Networks", "Augmentation", "Data", "Optimisation",
 SHARED = ["TensorImages", "Views", "load_datasets", "read_dataset", "make_loader", "eval_loader",
           "autocast", "extract", "topk", "knn_accuracy", "cached_probe", "linear_probe", "feature_dim",
           "evaluate", "to_device", "build", "checkpoint_state", "restore", "train", "finish",
-          "out_dim", "config_dict", "format_time", "main"]
+          "config_dict", "format_time", "main"]
 
 
 def _sections(path):
