@@ -103,6 +103,9 @@ class Dist:
         if use_cuda:
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
+            # Every step has the same input sizes, so cuDNN may time its convolution algorithms
+            # once and keep the fastest (a choice of algorithm, not of arithmetic precision).
+            torch.backends.cudnn.benchmark = True
         else:
             self.device = torch.device("cpu")
         if self.world > 1 and not dist.is_initialized():
@@ -230,6 +233,41 @@ class Logger:
         if self.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": time.time(), **rec}) + "\n")
+
+
+def batch_sizes(text):
+    """argparse type of --bench-sizes: "128,256" -> [128, 256]. A UsageError (not argparse's
+    ArgumentTypeError, which prints the whole usage) makes a bad value a one-line error."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UsageError(f"--bench-sizes expects comma-separated positive integers, got {text!r}")
+    return values
+
+
+def device_name(device):
+    """The processor a benchmark ran on, in words (for the figures it prints)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} logical cores"
+
+
+def timed(fn, device):
+    """Seconds one call of fn takes, with the device's queued work finished before and after
+    (CUDA kernels run asynchronously: without the syncs the clock would stop at the launch)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
 
 
 # ============================================================================================

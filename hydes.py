@@ -62,6 +62,7 @@ USAGE
     python hydes.py --global-self exclude              # leave-one-out global density (NT-Xent at V = 2)
     python hydes.py --views 4 --local-crops 2          # more global views, two local crops
     python hydes.py --data imagenet --data-dir /ds/imagenet --gpus 8
+    python hydes.py --benchmark --data cifar10         # step overhead, loss cost, data pipeline
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         hydes.py --data imagenet --data-dir /ds/imagenet     # two nodes
     Every run resumes automatically from --output-dir. `--help` lists every flag.
@@ -73,12 +74,15 @@ RESULTS (linear top-1 %; no HyDeS number has been published that we could read; 
     synthetic demo (240 steps)                     58.3  vs 30.5
     Fashion-MNIST (250 steps, 28 px), self pair    86.31 vs 74.64
     Fashion-MNIST, --global-self exclude           87.27 vs 74.64
+    One H100, bf16, Fashion-MNIST, 2 epochs of batch 256 (README.md, "Results"): trained 88.00,
+    random init 74.54, raw pixels 82.16. Step overhead and throughput: README.md, "Performance".
 """
 import argparse
 import functools
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -187,6 +191,14 @@ def parse_args(argv=None):
     g.add_argument("--output-dir", dest="output_dir", help="checkpoints, metrics.jsonl, backbone.pt")
     g.add_argument("--log-every", dest="log_every", type=int, default=10)
     g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("benchmark (README, \"Performance\")")
+    g.add_argument("--benchmark", action="store_true",
+                   help="time the step, the loss and the data pipeline on random images; train nothing")
+    g.add_argument("--bench-steps", dest="bench_steps", type=int, default=10,
+                   help="timed training steps per variant")
+    g.add_argument("--bench-sizes", dest="bench_sizes", type=common.batch_sizes,
+                   default="128,256,512,1024,2048,4096",
+                   help="global batch sizes for the loss-alone timings")
     cfg = p.parse_args(argv)
     return resolve(cfg)
 
@@ -303,13 +315,19 @@ class HyDeSLoss(nn.Module):
         if world > 1:   # every process logs (and checks for NaN) the global-batch values
             dist.all_reduce(values)
             values /= world
-        return loss, dict(zip(logs, values.tolist()))     # one host sync
+        return loss, dict(zip(logs, values.unbind()))     # left on the device: no host sync
 
 
 def make_criterion(cfg):
     """The training loss as configured (called once per run; the module holds no state)."""
     return HyDeSLoss(cfg.kappa, cfg.alpha, cfg.beta, cfg.global_self == "include",
                      cfg.global_positives == "include")
+
+
+def loss_variants(cfg):
+    """The loss paths --benchmark times alone at several batch sizes (JSON key -> criterion)."""
+    return {"loss_ms": make_criterion(cfg)}
+
 
 # ============================================================================================
 # Networks
@@ -691,9 +709,9 @@ def train_step(model, criterion, optimizer, scaler, views, step, cfg):
         z = [model(x) for x in views]      # one pass per view: crops of different sizes
     # The loss runs outside autocast: float32 logits kappa z z^T (spec 3.5); (V, N, D) global batch.
     z = torch.stack([common.gather_with_grad(v.float()) for v in z])
+    # No finiteness check here: reading the loss would wait for the GPU every step. The training
+    # loop reads the logs every few steps and before saving (read_logs).
     loss, logs = criterion(z)
-    if not math.isfinite(logs["loss"]):
-        return logs
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -723,12 +741,18 @@ def restore(ckpt, model, criterion, optimizer, scaler, cfg, path):
     return ckpt["step"]
 
 
-def train(cfg):
-    """Pretrain, checkpoint, export the backbone and evaluate (runs in every process)."""
+def setup(cfg):
+    """This process's place in the run; sets its CPU threads and, if unset, the loader workers."""
     d = common.Dist(cfg.use_cuda)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
     if cfg.workers is None:   # on CPU, loader workers compete with the training threads for cores
         cfg.workers = min(8, (os.cpu_count() or 1) // d.local_world) if cfg.use_cuda else 0
+    return d
+
+
+def train(cfg):
+    """Pretrain, checkpoint, export the backbone and evaluate (runs in every process)."""
+    d = setup(cfg)
     data = load_datasets(cfg)
     sampler = common.GlobalBatchSampler(len(data[0]), cfg.batch_size, d.rank, d.world, seed=cfg.seed)
     loader = make_loader(Views(data[0], pretrain_views(cfg)), sampler, cfg)
@@ -753,29 +777,32 @@ def train(cfg):
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if cfg.use_cuda else None) \
         if d.world > 1 else model
     model.train()
-    t0, t_last, images = time.time(), time.time(), 0
+    t0, t_last, images, waited, pending = time.time(), time.time(), 0, 0.0, []
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start)
+        asked = time.time()
         for views, _ in loader:
-            logs = train_step(ddp, criterion, optimizer, scaler, [to_device(x, cfg, d) for x in views],
-                              step, cfg)
-            if not math.isfinite(logs["loss"]):
-                raise common.NonFiniteLoss(f"loss is {logs['loss']} at step {step + 1}; the last good "
-                                           f"checkpoint {ckpt_path} is kept (try a lower --lr)")
+            waited += time.time() - asked   # time blocked on the loader: a data bottleneck shows here
+            views = [to_device(x, cfg, d) for x in views]
+            pending.append(train_step(ddp, criterion, optimizer, scaler, views, step, cfg))
             step, images = step + 1, images + cfg.batch_size
             if step % cfg.log_every == 0 or step == total:
-                rate = images / (time.time() - t_last)
+                logs = read_logs(pending, step, ckpt_path)
+                elapsed = time.time() - t_last
+                rate, data_wait = images / elapsed, waited / elapsed
                 parts = " ".join(f"{k} {v:.5g}" for k, v in logs.items())
                 log.print(f"ep {epoch + 1}/{cfg.epochs} step {step}/{total} {parts} "
-                          f"lr {optimizer.param_groups[0]['lr']:.4g} {rate:.1f} img/s "
-                          f"ETA {format_time((total - step) * cfg.batch_size / rate)}")
+                          f"lr {optimizer.param_groups[0]['lr']:.4g} {rate:.1f} img/s data wait "
+                          f"{100 * data_wait:.0f}% ETA {format_time((total - step) * cfg.batch_size / rate)}")
                 log.record(event="train", epoch=epoch + 1, step=step, lr=optimizer.param_groups[0]["lr"],
-                           img_per_s=rate, **logs)
-                t_last, images = time.time(), 0
+                           img_per_s=rate, data_wait=data_wait, **logs)
+                t_last, images, waited = time.time(), 0, 0.0
             if step == total:
                 break
+            asked = time.time()
         end_of_epoch = step % steps_per_epoch == 0
+        read_logs(pending, step, ckpt_path)   # never a checkpoint of the weights a NaN step left
         if d.is_main:
             common.atomic_save(checkpoint_state(model, criterion, optimizer, scaler, step, cfg), ckpt_path)
         if end_of_epoch:
@@ -783,6 +810,23 @@ def train(cfg):
     log.print(f"pretraining done: {step} steps in {format_time(time.time() - t0)} this session")
     finish(model, data, cfg, d, log)
     d.close()
+
+
+def read_logs(pending, step, ckpt_path):
+    """The logs of the last step, reading those of every step since the last call (`pending`,
+    device tensors; emptied) in one host sync. Raises at the first non-finite loss: its step and
+    the ones after it have not been saved, so the last checkpoint is good."""
+    if not pending:
+        return {}
+    rows = torch.stack([torch.stack(list(logs.values())) for logs in pending]).tolist()
+    for k, row in enumerate(rows):
+        loss = dict(zip(pending[k], row))["loss"]
+        if not math.isfinite(loss):
+            raise common.NonFiniteLoss(f"loss is {loss} at step {step - len(rows) + k + 1}; the last "
+                                       f"good checkpoint {ckpt_path} is kept (try a lower --lr)")
+    logs = dict(zip(pending[-1], rows[-1]))
+    pending.clear()
+    return logs
 
 
 def monitor(model, criterion, data, cfg, d, log, epoch):
@@ -803,9 +847,10 @@ def finish(model, data, cfg, d, log):
     label = {"linear": "linear probe (paper protocol)",
              "cached": "cached-feature probe (fast, no aug)"}[cfg.probe]
     results = {"trained": evaluate(model.backbone, data, cfg, d, log, cfg.probe)}
-    if cfg.baseline:
+    if cfg.baseline:   # what the probe reaches without pretraining: random weights, raw pixels
         random_model, *_ = build(cfg, d)
         results["random_init"] = evaluate(random_model.backbone, data, cfg, d, log, cfg.probe)
+        results["raw_pixels"] = evaluate(nn.Flatten(), data, cfg, d, log, cfg.probe)
     for name, acc in results.items():
         log.print(f"{label}, {name} backbone: " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     log.record(event="probe", protocol=cfg.probe, **results)
@@ -821,13 +866,140 @@ def format_time(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+# ---- --benchmark: what a step costs beyond the bare network (README, "Performance") ----------
+# The same training step timed with the method's loss and with a trivial one, the loss alone at
+# several global batch sizes, and the data pipeline. Random images of the preset's size stand in
+# for the dataset (the augmentations' cost does not depend on what the pixels show); nothing is
+# written to disk.
+
+class TrivialLoss(nn.Module):
+    """The bare network's loss: the mean of every embedding it is given. It keeps its inputs'
+    shapes for the loss-alone timings."""
+
+    def forward(self, *z):
+        self.inputs = [(t.shape, t.requires_grad) for t in z]
+        loss = sum(t.mean() for t in z)
+        return loss, {"loss": loss.detach().double()}
+
+
+def benchmark(cfg):
+    """--benchmark: print a table of the figures, then the same figures as one JSON line."""
+    if cfg.gpus != 1:
+        raise UsageError("--benchmark times one process; leave --gpus at 1")
+    d = setup(cfg)
+    # Enough batches for a short run several times longer than the loader's prefetch queue (two
+    # batches per worker), so that its data-wait share is not that of a queue filled at the start.
+    n = cfg.batch_size * (cfg.bench_steps + 3 + 6 * cfg.workers)
+    pixels = torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(cfg.seed))
+    images = Views(TensorImages(pixels, torch.zeros(n, dtype=torch.long)), pretrain_views(cfg))
+    sampler = common.GlobalBatchSampler(n, cfg.batch_size, seed=cfg.seed)
+    cfg.steps_per_epoch = len(sampler)
+    model, criterion, optimizer, scaler = build(cfg, d)
+    model.train()
+    res = {"method": PROG.removesuffix(".py"), "preset": cfg.preset,
+           "device": common.device_name(d.device), "threads": torch.get_num_threads(), "amp": cfg.amp,
+           "batch_size": cfg.batch_size}
+    views, res["augment_img_per_s_per_worker"] = augment_one_batch(images, cfg)
+    views = [to_device(x, cfg, d) for x in views]
+    trivial = TrivialLoss()
+    for name, loss_fn in (("", criterion), ("trivial_", trivial)):
+        times = step_times(model, loss_fn, optimizer, scaler, views, cfg, d)
+        res.update({name + k: v for k, v in times.items()})
+    res["step_overhead"] = res["step_ms"] / res["trivial_step_ms"]
+    for key, loss_fn in loss_variants(cfg).items():
+        res[key] = loss_times(loss_fn.to(d.device), trivial.inputs, cfg, d)
+    loader = make_loader(images, sampler, cfg)
+    res["workers"] = cfg.workers
+    res["data_wait"] = data_wait(model, criterion, optimizer, scaler, loader, cfg, d)
+    print_benchmark(res)
+    print(json.dumps(res), flush=True)
+
+
+def augment_one_batch(images, cfg):
+    """One batch of views made as one loader worker makes them (one thread); and its images/s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    batch = torch.utils.data.default_collate([images[(i, i)] for i in range(cfg.batch_size)])
+    rate = cfg.batch_size / (time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return batch[0], rate
+
+
+def step_times(model, loss_fn, optimizer, scaler, views, cfg, d):
+    """Median ms of train_step with this loss over --bench-steps steps after two warm-up steps
+    (allocator, cuDNN's algorithm search); on CUDA also the peak memory."""
+    times, peak = [], 0
+    for step in range(cfg.bench_steps + 2):
+        if d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d.device)
+        times.append(common.timed(lambda: train_step(model, loss_fn, optimizer, scaler, views, step, cfg),
+                                  d.device))
+        if d.device.type == "cuda":
+            peak = max(peak, torch.cuda.max_memory_allocated(d.device))
+    ms = 1000 * statistics.median(times[2:])
+    res = {"step_ms": ms, "img_per_s": cfg.batch_size / ms * 1000}
+    return {**res, "peak_gib": peak / 2**30} if d.device.type == "cuda" else res
+
+
+def loss_times(loss_fn, inputs, cfg, d):
+    """Forward + backward of the loss alone, {global batch N: median ms of 5 calls after one
+    warm-up}, on random unit embeddings shaped like a step's with N rows. Stops growing N once a
+    call takes over a second (the exact kernel paths are quadratic)."""
+    res = {}
+    for n in cfg.bench_sizes:
+        z = [F.normalize(torch.randn(*shape[:-2], n, shape[-1], device=d.device), dim=-1)
+             .requires_grad_(grad) for shape, grad in inputs]
+        ms = 1000 * statistics.median([common.timed(lambda: loss_fn(*z)[0].backward(), d.device)
+                                       for _ in range(6)][1:])
+        res[n] = round(ms, 3)
+        if ms > 1000:
+            break
+    return res
+
+
+def data_wait(model, criterion, optimizer, scaler, loader, cfg, d):
+    """Share of wall time a short run (the loader with its workers, train_step) spends blocked on
+    the loader, from the second batch on (the first includes starting the workers)."""
+    waited, asked = 0.0, time.perf_counter()
+    for step, (views, _) in enumerate(loader):
+        if step == 1:
+            waited, start = 0.0, asked
+        waited += time.perf_counter() - asked
+        train_step(model, criterion, optimizer, scaler, [to_device(x, cfg, d) for x in views], step, cfg)
+        asked = time.perf_counter()
+    if d.device.type == "cuda":
+        torch.cuda.synchronize(d.device)   # the clock stops when the queued steps are done
+    return waited / (time.perf_counter() - start)
+
+
+def print_benchmark(res):
+    print(f"{PROG} --benchmark: preset {res['preset']}, batch {res['batch_size']}, {res['device']}, "
+          f"{res['threads']} threads, amp {res['amp']}")
+    for name, label in (("", "this loss"), ("trivial_", "trivial loss")):
+        mem = f"  peak {res[name + 'peak_gib']:.2f} GiB" if name + "peak_gib" in res else ""
+        print(f"  training step, {label:12s} {res[name + 'step_ms']:10.1f} ms "
+              f"{res[name + 'img_per_s']:9.1f} img/s{mem}")
+    print(f"  step overhead (this / trivial) {res['step_overhead']:8.3f}")
+    for key in (k for k in res if k.startswith("loss_ms")):
+        print(f"  {key} (loss alone, fwd + bwd, by global batch): "
+              + "  ".join(f"{n}: {ms:.1f}" for n, ms in res[key].items()))
+    print(f"  augmentation: {res['augment_img_per_s_per_worker']:.0f} images/s per worker (all views of "
+          f"an image); waiting for data: {100 * res['data_wait']:.1f}% of a short run "
+          f"({res['workers']} workers)")
+
+
 # ============================================================================================
 # Main
 # ============================================================================================
 
 def main(argv=None):
     cfg = parse_args(argv)
-    common.launch(train, cfg, cfg.gpus, PROG)
+    if cfg.benchmark:
+        benchmark(cfg)
+    else:
+        common.launch(train, cfg, cfg.gpus, PROG)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,12 @@ torch.set_num_threads(2)
 # Helpers
 # ============================================================================================
 
+
+def read(out):
+    """(loss, logs) with the logs read to Python floats, as the training loop reads them."""
+    loss, logs = out
+    return loss, {k: float(v) for k, v in logs.items()}
+
 def run_script(*args, script="corinfomax.py", timeout=600, module=None):
     """Run a method script (or `python -m module`, e.g. torchrun) as a user would."""
     cmd = [sys.executable] + (["-m", module] if module else [script]) + [str(a) for a in args]
@@ -132,7 +138,7 @@ def test_loss_matches_naive_over_steps(N, D, center):
     naive_losses, naive_states = naive_corinfomax(naive_in, D, center=center, **kw)
     for s, (z1, z2) in enumerate(batches):
         z1, z2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-        loss, logs = loss_fn(z1, z2)
+        loss, logs = read(loss_fn(z1, z2))
         loss.backward()
         naive_losses[s].backward()
         torch.testing.assert_close(loss, naive_losses[s], rtol=1e-12, atol=1e-12)
@@ -239,7 +245,7 @@ def test_loss_trains_free_embeddings_without_collapse():
     for _ in range(200):
         z1 = F.normalize(base + 0.3 * torch.randn(N, D), dim=1)
         z2 = F.normalize(base + 0.3 * torch.randn(N, D), dim=1)
-        loss, logs = loss_fn(z1, z2)
+        loss, logs = read(loss_fn(z1, z2))
         first = first if first is not None else logs["loss"]
         opt.zero_grad()
         loss.backward()
@@ -283,13 +289,13 @@ def test_explicit_mim_matches_naive(N, D, eps, denom, normalise, tol):
     z1, z2 = correlated_views(N, D, 1, normalise=normalise)
     a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     crit = explicit_mim.ExplicitMIMLoss(D, eps=eps, unbiased=denom == "N-1")
-    loss, logs = crit(a, b)
+    loss, logs = read(crit(a, b))
     want = naive_mi(z1, z2, eps, denom)
     assert loss.item() == pytest.approx(-want.item(), rel=tol, abs=tol)
     assert logs["mi"] == pytest.approx(want.item(), rel=tol, abs=tol)
     assert logs["logdet1"] + logs["logdet2"] - logs["logdet_joint"] == pytest.approx(2 * logs["mi"], rel=1e-9)
     if denom == "N":
-        plain, plain_logs = explicit_mim.explicit_mim_loss(z1, z2, eps=eps)
+        plain, plain_logs = read(explicit_mim.explicit_mim_loss(z1, z2, eps=eps))
         assert plain.item() == pytest.approx(loss.item(), rel=1e-12) and plain_logs["mi"] == logs["mi"]
 
 
@@ -310,7 +316,7 @@ def test_explicit_mim_schur_form_equals_joint_form():
     I_D = eps * torch.eye(D, dtype=torch.float64)
     R_E = S[D:, D:] + I_D - S[D:, :D] @ torch.linalg.inv(S[:D, :D] + I_D) @ S[:D, D:]
     schur = 0.5 * (torch.logdet(S[D:, D:] + I_D) - torch.logdet(R_E))
-    _, logs = explicit_mim.explicit_mim_loss(z1, z2, eps=eps)
+    _, logs = read(explicit_mim.explicit_mim_loss(z1, z2, eps=eps))
     assert logs["mi"] == pytest.approx(schur.item(), rel=1e-12)
 
 
@@ -324,7 +330,7 @@ def test_explicit_mim_canonical_correlation_form():
         w, V = torch.linalg.eigh(M)
         return V @ torch.diag(w ** -0.5) @ V.T
     rho = torch.linalg.svdvals(inv_sqrt(S1) @ S12 @ inv_sqrt(S2))
-    _, logs = explicit_mim.explicit_mim_loss(z1, z2, eps=0.0)
+    _, logs = read(explicit_mim.explicit_mim_loss(z1, z2, eps=0.0))
     assert logs["mi"] == pytest.approx((-0.5 * torch.log(1 - rho ** 2).sum()).item(), rel=1e-10)
 
 
@@ -333,12 +339,12 @@ def test_explicit_mim_affine_invariance_scale_and_normaliser():
     g = torch.Generator().manual_seed(6)
     A, B = (torch.randn(4, 4, generator=g, dtype=torch.float64) + 2 * torch.eye(4, dtype=torch.float64)
             for _ in range(2))
-    _, base = explicit_mim.explicit_mim_loss(z1, z2, eps=0.0)
-    _, moved = explicit_mim.explicit_mim_loss(z1 @ A + 3.0, z2 @ B - 1.0, eps=0.0)
+    _, base = read(explicit_mim.explicit_mim_loss(z1, z2, eps=0.0))
+    _, moved = read(explicit_mim.explicit_mim_loss(z1 @ A + 3.0, z2 @ B - 1.0, eps=0.0))
     assert moved["mi"] == pytest.approx(base["mi"], rel=1e-10)
     # Scale acts like eps: I(s z1, s z2; eps) = I(z1, z2; eps / s^2).
-    _, scaled = explicit_mim.explicit_mim_loss(3.0 * z1, 3.0 * z2, eps=0.09)
-    _, eps_div = explicit_mim.explicit_mim_loss(z1, z2, eps=0.01)
+    _, scaled = read(explicit_mim.explicit_mim_loss(3.0 * z1, 3.0 * z2, eps=0.09))
+    _, eps_div = read(explicit_mim.explicit_mim_loss(z1, z2, eps=0.01))
     assert scaled["mi"] == pytest.approx(eps_div["mi"], rel=1e-10)
     # The 1/N vs 1/(N - 1) normaliser cancels at eps = 0.
     unbiased, _ = explicit_mim.ExplicitMIMLoss(4, eps=0.0, unbiased=True)(z1, z2)
@@ -348,7 +354,7 @@ def test_explicit_mim_affine_invariance_scale_and_normaliser():
 def test_explicit_mim_population_value():
     """Spec 8.5: z2 = 0.8 z1 + 0.6 n gives I = -(D/2) log(0.36) = 8.17 nats for D = 16."""
     z1, z2 = correlated_views(200_000, 16, 7, rho=0.8, normalise=False)
-    _, logs = explicit_mim.explicit_mim_loss(z1, z2, eps=0.0)
+    _, logs = read(explicit_mim.explicit_mim_loss(z1, z2, eps=0.0))
     assert logs["mi"] == pytest.approx(-8 * math.log(0.36), abs=0.02)
 
 
@@ -385,14 +391,14 @@ def test_explicit_mim_and_corinfomax_share_the_marginal_log_dets():
     """Spec 8.9: (2/D)(-I) minus CorInfoMax's log-det term (la_R = la_mu = 0) is +ld_joint / D."""
     N, D = 64, 8
     z1, z2 = correlated_views(N, D, 11)
-    scaled, logs = explicit_mim.ExplicitMIMLoss(D, scale=2 / D)(z1, z2)
+    scaled, logs = read(explicit_mim.ExplicitMIMLoss(D, scale=2 / D)(z1, z2))
     cim, _ = corinfomax.CorInfoMaxLoss(D, alpha=0.0, la_R=0.0, la_mu=0.0)(z1, z2)
     assert (scaled - cim).item() == pytest.approx(logs["logdet_joint"] / D, rel=1e-10)
 
 
 def test_explicit_mim_weighted_variant():
     z1, z2 = correlated_views(64, 8, 12)
-    loss, logs = explicit_mim.ExplicitMIMLoss(8, joint_weight=0.5, mse_weight=3.0)(z1, z2)
+    loss, logs = read(explicit_mim.ExplicitMIMLoss(8, joint_weight=0.5, mse_weight=3.0)(z1, z2))
     mse = (z1 - z2).pow(2).mean().item()
     want = -0.5 * (logs["logdet1"] + logs["logdet2"] - 0.5 * logs["logdet_joint"]) + 3.0 * mse
     assert loss.item() == pytest.approx(want, rel=1e-12)
@@ -411,7 +417,7 @@ def test_explicit_mim_running_estimates_match_naive_recursion():
         R = la_R * R + (1 - la_R) * sum(torch.outer(r - mu, r - mu) for r in rows) / N
         lds = [torch.linalg.slogdet(M)[1] for M in (R[:D, :D] + eps * eye[:D, :D],
                                                      R[D:, D:] + eps * eye[:D, :D], R + eps * eye)]
-        loss, logs = crit(z1.requires_grad_(), z2)
+        loss, logs = read(crit(z1.requires_grad_(), z2))
         assert logs["mi"] == pytest.approx(0.5 * (lds[0] + lds[1] - lds[2]).item(), rel=1e-10)
         torch.testing.assert_close(crit.R, R, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(crit.mu, mu, rtol=1e-12, atol=1e-14)
@@ -431,7 +437,7 @@ def test_explicit_mim_trains_free_embeddings_without_collapse():
     for _ in range(150):
         z1 = F.normalize(base + 0.5 * torch.randn(N, D), dim=1)
         z2 = F.normalize(base + 0.5 * torch.randn(N, D), dim=1)
-        loss, logs = crit(z1, z2)
+        loss, logs = read(crit(z1, z2))
         mis.append(logs["mi"])
         opt.zero_grad()
         loss.backward()
@@ -607,7 +613,7 @@ def test_ssl_hsic_scale_step_is_adam_on_the_grad_norm_objective():
         adam.zero_grad()
         (-_scale_objective(c_param, d2)).backward()
         adam.step()
-        _, logs = crit(z)
+        _, logs = read(crit(z))
         assert logs["c"] != crit.c.item()      # the loss used c from before the step
         assert crit.c.item() == pytest.approx(c_param.item(), rel=1e-12)
 
@@ -648,7 +654,7 @@ def test_ssl_hsic_loss_trains_free_embeddings_without_collapse():
     opt = torch.optim.SGD([base], lr=20.0)
     losses, align_before = [], alignment()
     for _ in range(150):
-        loss, logs = crit(F.normalize(base + 0.4 * torch.randn(4, N, D), dim=2))
+        loss, logs = read(crit(F.normalize(base + 0.4 * torch.randn(4, N, D), dim=2)))
         losses.append(logs["loss"])
         opt.zero_grad()
         loss.backward()
@@ -812,7 +818,7 @@ def test_hydes_trains_free_embeddings_below_the_cap():
     opt = torch.optim.SGD([base], lr=1.0)
     mis = []
     for _ in range(100):
-        loss, logs = crit(F.normalize(base + 0.4 * torch.randn(V, N, D), dim=2))
+        loss, logs = read(crit(F.normalize(base + 0.4 * torch.randn(V, N, D), dim=2)))
         mis.append(logs["mi"])
         opt.zero_grad()
         loss.backward()
@@ -839,8 +845,8 @@ def _hydes_distributed_run(rank, world, port, out):
     result = {}
     for self_ in (True, False):
         z = unit_views(3, 8, 4, seed=31)[:, rank * per:(rank + 1) * per].clone().requires_grad_()
-        loss, logs = hydes.HyDeSLoss(6.0, 0.8, 1.0, global_self=self_)(
-            torch.stack([common.gather_with_grad(v) for v in z]))
+        loss, logs = read(hydes.HyDeSLoss(6.0, 0.8, 1.0, global_self=self_)(
+            torch.stack([common.gather_with_grad(v) for v in z])))
         loss.backward()
         result[self_] = (logs["loss"], z.grad / world)     # DDP divides by world
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
@@ -1290,8 +1296,11 @@ def test_demo_run_writes_outputs_and_exports_a_torchvision_backbone(tmp_path, sc
     start = records[0]
     assert start["event"] == "start" and start["world_size"] == 1
     assert start["config"]["batch_size"] == 16 and "torch" in start["versions"] and start["argv"]
-    assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3]
-    assert any(r["event"] == "probe" and "top1" in r["trained"] for r in records)
+    train = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(0.0 <= r["data_wait"] <= 1.0 for r in train) and "data wait" in proc.stdout
+    probe = next(r for r in records if r["event"] == "probe")
+    assert {"trained", "random_init", "raw_pixels"} <= set(probe) and "top1" in probe["raw_pixels"]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 3
     assert all(t.dtype == torch.float64 for t in ckpt["criterion"].values() if t.is_floating_point())
@@ -1424,6 +1433,43 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, script):
     assert (out / "checkpoint.pt").read_bytes() == ckpt
 
 
+@pytest.mark.parametrize("script", METHOD_FILES)
+def test_benchmark_prints_a_table_and_one_json_line_and_writes_nothing(tmp_path, script):
+    before = sorted(os.listdir(HERE))
+    proc = run_script(*tiny(script), "--benchmark", "--bench-steps", 1, "--bench-sizes", "16,32",
+                      "--output-dir", tmp_path / "unused", script=script)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "step overhead" in proc.stdout and "images/s per worker" in proc.stdout
+    res = json.loads(lines[-1])
+    assert res["method"] == script.removesuffix(".py") and res["batch_size"] == 16
+    assert res["step_overhead"] == pytest.approx(res["step_ms"] / res["trivial_step_ms"])
+    assert res["img_per_s"] == pytest.approx(16 / res["step_ms"] * 1000)
+    loss_keys = {"loss_ms", "loss_ms_exact"} if script == "ssl_hsic.py" else {"loss_ms"}
+    assert {k for k in res if k.startswith("loss_ms")} == loss_keys
+    for key in loss_keys:
+        assert list(res[key]) == ["16", "32"] and all(ms > 0 for ms in res[key].values())
+    assert res["augment_img_per_s_per_worker"] > 0 and 0.0 <= res["data_wait"] < 1.0
+    assert res["workers"] == 0 and res["threads"] == 1 and res["amp"] == "off"
+    assert not (tmp_path / "unused").exists() and sorted(os.listdir(HERE)) == before
+
+
+def test_benchmark_bad_arguments_give_one_line_errors():
+    line = assert_one_line_error(run_script("--benchmark", "--gpus", 2))
+    assert "--benchmark times one process" in line
+    line = assert_one_line_error(run_script("--benchmark", "--bench-sizes", "16,x"))
+    assert "--bench-sizes expects comma-separated positive integers, got '16,x'" in line
+
+
+def test_read_logs_names_the_first_non_finite_step_and_empties_the_list():
+    pending = [{"loss": torch.tensor(v, dtype=torch.float64), "mi": torch.tensor(1.0, dtype=torch.float64)}
+               for v in (1.0, 2.0, 3.0)]
+    assert corinfomax.read_logs(pending, 10, "ckpt") == {"loss": 3.0, "mi": 1.0} and pending == []
+    pending = [{"loss": torch.tensor(v, dtype=torch.float64)} for v in (1.0, math.inf, math.nan)]
+    with pytest.raises(common.NonFiniteLoss, match="loss is inf at step 9; the last good checkpoint ckpt"):
+        corinfomax.read_logs(pending, 10, "ckpt")
+
+
 # ============================================================================================
 # The method files share their plumbing sections verbatim (one file = one method, by design)
 # ============================================================================================
@@ -1433,8 +1479,9 @@ BANNERS = ["Config", "Loss", "Networks", "Augmentation", "Data", "Optimisation",
 # Functions and classes that must be identical in every method file.
 SHARED = ["TensorImages", "Views", "load_datasets", "read_dataset", "make_loader", "eval_loader",
           "autocast", "extract", "topk", "knn_accuracy", "cached_probe", "linear_probe", "feature_dim",
-          "evaluate", "to_device", "build", "checkpoint_state", "restore", "train", "finish",
-          "config_dict", "format_time", "main"]
+          "evaluate", "to_device", "build", "checkpoint_state", "restore", "setup", "train", "read_logs",
+          "finish", "config_dict", "format_time", "TrivialLoss", "benchmark", "augment_one_batch",
+          "step_times", "loss_times", "data_wait", "print_benchmark", "main"]
 
 
 def _sections(path):
