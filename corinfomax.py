@@ -856,7 +856,7 @@ def benchmark(cfg):
         res[key] = loss_times(loss_fn.to(d.device), trivial.inputs, cfg, d)
     loader = make_loader(images, sampler, cfg)
     res["workers"] = cfg.workers
-    res["data_wait"] = data_wait(model, criterion, optimizer, scaler, loader, cfg, d)
+    res["data_wait"] = measure_data_wait(model, criterion, optimizer, scaler, loader, cfg, d)
     print_benchmark(res)
     print(json.dumps(res), flush=True)
 
@@ -904,7 +904,7 @@ def loss_times(loss_fn, inputs, cfg, d):
     return res
 
 
-def data_wait(model, criterion, optimizer, scaler, loader, cfg, d):
+def measure_data_wait(model, criterion, optimizer, scaler, loader, cfg, d):
     """Share of wall time a short run (the loader with its workers, train_step) spends blocked on
     the loader, from the second batch on (the first includes starting the workers)."""
     waited, asked = 0.0, time.perf_counter()

@@ -1481,7 +1481,7 @@ SHARED = ["TensorImages", "Views", "load_datasets", "read_dataset", "make_loader
           "autocast", "extract", "topk", "knn_accuracy", "cached_probe", "linear_probe", "feature_dim",
           "evaluate", "to_device", "build", "checkpoint_state", "restore", "setup", "train", "read_logs",
           "finish", "config_dict", "format_time", "TrivialLoss", "benchmark", "augment_one_batch",
-          "step_times", "loss_times", "data_wait", "print_benchmark", "main"]
+          "step_times", "loss_times", "measure_data_wait", "print_benchmark", "main"]
 
 
 def _sections(path):
