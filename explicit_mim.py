@@ -151,7 +151,8 @@ def parse_args(argv=None):
                    f"{common.FASHION_MNIST_SYSTEM_DIR})")
     g.add_argument("--preset", help="preset for a folder given as --data (default: imagenet)")
     g.add_argument("--download", action="store_true", help="download CIFAR/STL with torchvision first")
-    g.add_argument("--workers", type=int, help="data-loader workers per process")
+    g.add_argument("--workers", type=int, help="data-loader workers per process (default: the CPU cores "
+                   "per process less one on CUDA, 0 on CPU)")
     g.add_argument("--synthetic-train", dest="synthetic_train", type=int, help="synthetic: training images")
     g.add_argument("--synthetic-test", dest="synthetic_test", type=int, help="synthetic: test images")
     g = p.add_argument_group("method (spec section 7: every switch is a project choice)")
@@ -216,8 +217,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("benchmark (README, \"Performance\")")
     g.add_argument("--benchmark", action="store_true",
                    help="time the step, the loss and the data pipeline on random images; train nothing")
-    g.add_argument("--bench-steps", dest="bench_steps", type=int, default=10,
-                   help="timed training steps per variant")
+    g.add_argument("--bench-steps", dest="bench_steps", type=int, default=15,
+                   help="timed training steps per variant (blocks of 5)")
     g.add_argument("--bench-sizes", dest="bench_sizes", type=common.batch_sizes,
                    default="128,256,512,1024,2048,4096",
                    help="global batch sizes for the loss-alone timings")
@@ -395,28 +396,153 @@ class Model(nn.Module):
 # ============================================================================================
 # Augmentation
 # ============================================================================================
-# All ops run on uint8 image tensors (v2.ToImage turns PIL images into tensors first), so the
-# solarize threshold is 128 of 255 as in the official PIL pipeline.
+# A pretraining view is made in two halves. The geometric half (RandomResizedCrop, flip) runs per
+# image in the loader's workers, with torchvision. The photometric half (colour jitter, grayscale,
+# blur, solarize, normalise) runs on the whole batch on the training device: per image it is the
+# random recipe of torchvision's v2 transforms, with torchvision's formulas, but in the workers it
+# made a GPU wait for data most of the time (README, "Performance"). It works on float images in
+# [0, 1]: torchvision on uint8 images rounds to 8 bits after every op, this code does not. The
+# solarize threshold is 128/255, i.e. 128 of 255 as in the official PIL pipelines.
 
 def normalize(cfg):
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(*cfg.norm)]
 
 
-def pretrain_views(cfg):
-    """The asymmetric two-view recipe of spec section 5: blur 1.0/0.1, solarize 0.0/0.2."""
-    def view(blur_p, solarize_p):
-        return v2.Compose([
-            v2.ToImage(),
-            v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_scale, 1.0),
-                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip(p=0.5),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([v2.GaussianBlur(kernel_size=13, sigma=(0.1, cfg.blur_sigma))], p=blur_p),
-            v2.RandomSolarize(threshold=128, p=solarize_p),
-            *normalize(cfg)])
-    return [view(1.0, 0.0), view(0.1, 0.2)]
+def crop(size, scale):
+    """The geometric half of a pretraining view, on one image: bicubic RandomResizedCrop + flip, uint8 out."""
+    return v2.Compose([v2.ToImage(),
+                       v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
+                                            antialias=True),
+                       v2.RandomHorizontalFlip(p=0.5)])
 
+
+LUMA = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale weights
+
+
+def grayscale(x):
+    """Luma of a batch of RGB images (B, 3, H, W) -> (B, 1, H, W). The weights stay Python numbers:
+    a tensor made from them would be copied to the GPU at every call, and such a copy waits for it."""
+    r, g, b = x.unbind(1)
+    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b)[:, None]
+
+
+def blend(x, y, f):
+    """f x + (1 - f) y clamped to [0, 1], one factor f per image (torchvision's _blend)."""
+    f = f[:, None, None, None]
+    return (f * x + (1 - f) * y).clamp(0, 1)
+
+
+def brightness(x, f):
+    return blend(x, torch.zeros_like(x), f)
+
+
+def contrast(x, f):
+    """Blend with the image's mean luma."""
+    return blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), f)
+
+
+def saturation(x, f):
+    """Blend with the image's own luma."""
+    return blend(x, grayscale(x), f)
+
+
+def hue(x, f):
+    """Turn the HSV hue of image b by f[b] (a fraction of a full turn), keeping S and V.
+
+    h comes from the channel that holds V = max (R before G before B, as torchvision); back to
+    RGB by V - C clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6 with n = 5, 3, 1 for R, G, B and
+    the chroma C = max - min: the closed form of torchvision's six-sector table.
+    """
+    r, g, b = x.unbind(1)
+    v = x.amax(1)
+    c = v - x.amin(1)
+    c_safe = torch.where(c > 0, c, 1.0)   # grey pixels (C = 0): any h will do, they stay grey
+    h = torch.where(v == r, (g - b) / c_safe, torch.where(v == g, 2 + (b - r) / c_safe, 4 + (r - g) / c_safe))
+    h = (h / 6 + f[:, None, None]) % 1
+    k = torch.stack([(n + 6 * h) % 6 for n in (5, 3, 1)], 1)
+    return v[:, None] - c[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def gaussian_blur(x, sigma, taps):
+    """Blur image b with its own sigma[b]: torchvision's kernel, `taps` samples of exp(-t^2 / 2 sigma^2)
+    at t = -(taps - 1)/2 ... (taps - 1)/2 normalised to sum 1, applied along W then H (separable),
+    with reflect padding. One depthwise convolution for the whole batch."""
+    B, C, H, W = x.shape
+    t = torch.arange(taps, device=x.device, dtype=x.dtype) - (taps - 1) / 2
+    kernel = torch.softmax(-(t / sigma[:, None]) ** 2 / 2, dim=1).repeat_interleave(C, 0)   # (B C, taps)
+    y = F.pad(x.reshape(1, B * C, H, W), (taps // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=B * C)
+    return F.conv2d(y, kernel[:, None, :, None], groups=B * C).reshape(B, C, H, W)
+
+
+def solarize(x):
+    return torch.where(x >= 128 / 255, 1 - x, x)
+
+
+def apply_to(x, chosen, op, *per_image):
+    """x with op applied to the images in `chosen` (a CPU mask), op getting those images' rows of
+    each per-image tensor. The mask is known on the host, so the images are picked by index with
+    no device sync, and op runs only on the images that drew it."""
+    index = chosen.nonzero().squeeze(1)
+    if len(index) == 0:
+        return x
+    args = [a[index].to(x.device, non_blocking=True) for a in per_image]
+    if len(index) == len(x):
+        return op(x, *args)
+    index = index.to(x.device, non_blocking=True)
+    return x.index_copy(0, index, op(x.index_select(0, index), *args))
+
+
+class Photometric:
+    """The photometric half of a pretraining view, on a batch: per image, torchvision's
+    RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8) (its four ops in a random order),
+    RandomGrayscale(p=0.2), RandomApply([GaussianBlur(taps, sigma range)], p=blur_p),
+    RandomSolarize(128/255, p=solarize_p), then Normalize(mean, std).
+
+    draw(n, generator) makes the random choices of n images on the CPU; calling the object with a
+    uint8 batch (B, 3, H, W) on any device and B images' draws returns the normalised float views.
+    """
+
+    JITTER = (brightness, contrast, saturation, hue)
+    STRENGTH = (0.4, 0.4, 0.2, 0.1)   # factors uniform in [1 - s, 1 + s]; hue in [-0.1, 0.1]
+
+    def __init__(self, norm, blur_p, solarize_p, taps, sigma):
+        self.mean, self.std = (torch.tensor(v)[:, None, None] for v in norm)
+        self.blur_p, self.solarize_p, self.taps, self.sigma = blur_p, solarize_p, taps, sigma
+
+    def draw(self, n, generator):
+        def uniform(lo, hi, *shape):
+            return lo + (hi - lo) * torch.rand(n, *shape, generator=generator)
+        b, c, s, h = self.STRENGTH
+        return {"jitter": uniform(0, 1) < 0.8,
+                "order": uniform(0, 1, 4).argsort(1),      # a uniformly random permutation per image
+                "factors": uniform(torch.tensor([1 - b, 1 - c, 1 - s, -h]),
+                                   torch.tensor([1 + b, 1 + c, 1 + s, h]), 4),
+                "gray": uniform(0, 1) < 0.2,
+                "blur": uniform(0, 1) < self.blur_p,
+                "sigma": uniform(*self.sigma),
+                "solarize": uniform(0, 1) < self.solarize_p}
+
+    def __call__(self, x, p):
+        x = x.float() / 255
+        for position in range(4):
+            for k, op in enumerate(self.JITTER):
+                x = apply_to(x, p["jitter"] & (p["order"][:, position] == k), op, p["factors"][:, k])
+        x = apply_to(x, p["gray"], lambda y: grayscale(y).expand(-1, 3, -1, -1))
+        if self.taps > 1:
+            x = apply_to(x, p["blur"], lambda y, sigma: gaussian_blur(y, sigma, self.taps), p["sigma"])
+        x = apply_to(x, p["solarize"], solarize)
+        if self.mean.device != x.device:   # copied to the device once, not at every call
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - self.mean) / self.std
+
+
+def pretrain_views(cfg):
+    """The asymmetric two-view recipe of spec section 5: blur 1.0/0.1, solarize 0.0/0.2.
+    Each view is a pair (geometric half for the loader, photometric half for the device)."""
+    geometric = crop(cfg.image_size, (cfg.crop_min_scale, 1.0))
+    return [(geometric, Photometric(cfg.norm, blur_p, solarize_p, 13, (0.1, cfg.blur_sigma)))
+            for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2))]
 
 def probe_train_view(cfg):
     """Linear-probe training augmentation (spec 7): RandomResizedCrop + flip."""
@@ -671,6 +797,19 @@ def to_device(x, cfg, d):
     return x.contiguous(memory_format=torch.channels_last) if cfg.use_cuda else x
 
 
+def augment(photometric, crops, step, cfg, d):
+    """The photometric half of each view (Augmentation) for this process's uint8 crops, on the
+    device. The random choices are drawn for the whole global batch from a generator seeded by
+    (seed, step, view) and each process takes its own rows: a step's views do not depend on the
+    number of processes, and a resumed run draws what the uninterrupted one would have."""
+    views = []
+    for v, (p, x) in enumerate(zip(photometric, crops)):
+        draw = p.draw(cfg.batch_size, torch.Generator().manual_seed((cfg.seed * 2**40 + step * 2**8 + v) % 2**63))
+        rows = slice(d.rank * len(x), (d.rank + 1) * len(x))
+        views.append(to_device(p(x.to(d.device, non_blocking=True), {k: t[rows] for k, t in draw.items()}), cfg, d))
+    return views
+
+
 def build(cfg, d):
     """Model, loss, optimiser and AMP scaler, freshly initialised from cfg.seed."""
     torch.manual_seed(cfg.seed)
@@ -733,7 +872,7 @@ def setup(cfg):
     d = common.Dist(cfg.use_cuda)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
     if cfg.workers is None:   # on CPU, loader workers compete with the training threads for cores
-        cfg.workers = min(8, (os.cpu_count() or 1) // d.local_world) if cfg.use_cuda else 0
+        cfg.workers = max(1, (os.cpu_count() or 1) // d.local_world - 1) if cfg.use_cuda else 0
     return d
 
 
@@ -742,7 +881,8 @@ def train(cfg):
     d = setup(cfg)
     data = load_datasets(cfg)
     sampler = common.GlobalBatchSampler(len(data[0]), cfg.batch_size, d.rank, d.world, seed=cfg.seed)
-    loader = make_loader(Views(data[0], pretrain_views(cfg)), sampler, cfg)
+    geometric, photometric = zip(*pretrain_views(cfg))
+    loader = make_loader(Views(data[0], geometric), sampler, cfg)
     steps_per_epoch = cfg.steps_per_epoch = len(sampler)   # schedules in train_step need it
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
@@ -769,9 +909,9 @@ def train(cfg):
         epoch, start = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start)
         asked = time.time()
-        for views, _ in loader:
+        for crops, _ in loader:
             waited += time.time() - asked   # time blocked on the loader: a data bottleneck shows here
-            views = [to_device(x, cfg, d) for x in views]
+            views = augment(photometric, crops, step, cfg, d)
             pending.append(train_step(ddp, criterion, optimizer, scaler, views, step, cfg))
             step, images = step + 1, images + cfg.batch_size
             if step % cfg.log_every == 0 or step == total:
@@ -879,7 +1019,8 @@ def benchmark(cfg):
     n = cfg.batch_size * (cfg.bench_steps + 3 + 6 * cfg.workers)
     pixels = torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(cfg.seed))
-    images = Views(TensorImages(pixels, torch.zeros(n, dtype=torch.long)), pretrain_views(cfg))
+    geometric, photometric = zip(*pretrain_views(cfg))
+    images = Views(TensorImages(pixels, torch.zeros(n, dtype=torch.long)), geometric)
     sampler = common.GlobalBatchSampler(n, cfg.batch_size, seed=cfg.seed)
     cfg.steps_per_epoch = len(sampler)
     model, criterion, optimizer, scaler = build(cfg, d)
@@ -887,8 +1028,10 @@ def benchmark(cfg):
     res = {"method": PROG.removesuffix(".py"), "preset": cfg.preset,
            "device": common.device_name(d.device), "threads": torch.get_num_threads(), "amp": cfg.amp,
            "batch_size": cfg.batch_size}
-    views, res["augment_img_per_s_per_worker"] = augment_one_batch(images, cfg)
-    views = [to_device(x, cfg, d) for x in views]
+    crops, res["augment_img_per_s_per_worker"] = augment_one_batch(images, cfg)
+    ms = [common.timed(lambda: augment(photometric, crops, 0, cfg, d), d.device) for _ in range(4)]
+    res["device_augment_ms"] = 1000 * statistics.median(ms[1:])
+    views = augment(photometric, crops, 0, cfg, d)
     trivial = TrivialLoss()
     for name, loss_fn in (("", criterion), ("trivial_", trivial)):
         times = step_times(model, loss_fn, optimizer, scaler, views, cfg, d)
@@ -898,13 +1041,14 @@ def benchmark(cfg):
         res[key] = loss_times(loss_fn.to(d.device), trivial.inputs, cfg, d)
     loader = make_loader(images, sampler, cfg)
     res["workers"] = cfg.workers
-    res["data_wait"] = measure_data_wait(model, criterion, optimizer, scaler, loader, cfg, d)
+    res["data_wait"] = measure_data_wait(model, criterion, optimizer, scaler, loader, photometric, cfg, d)
     print_benchmark(res)
     print(json.dumps(res), flush=True)
 
 
 def augment_one_batch(images, cfg):
-    """One batch of views made as one loader worker makes them (one thread); and its images/s."""
+    """One batch of crops (the geometric halves) made as one loader worker makes them (one
+    thread); and its images/s."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -914,20 +1058,25 @@ def augment_one_batch(images, cfg):
     return batch[0], rate
 
 
-def step_times(model, loss_fn, optimizer, scaler, views, cfg, d):
-    """Median ms of train_step with this loss over --bench-steps steps after two warm-up steps
-    (allocator, cuDNN's algorithm search); on CUDA also the peak memory."""
-    times, peak = [], 0
-    for step in range(cfg.bench_steps + 2):
-        if d.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(d.device)
-        times.append(common.timed(lambda: train_step(model, loss_fn, optimizer, scaler, views, step, cfg),
-                                  d.device))
-        if d.device.type == "cuda":
-            peak = max(peak, torch.cuda.max_memory_allocated(d.device))
-    ms = 1000 * statistics.median(times[2:])
+def step_times(model, loss_fn, optimizer, scaler, views, cfg, d, block=5):
+    """ms per train_step with this loss, and on CUDA the peak memory. Steps run back to back in
+    blocks of `block`, as the training loop runs them: no host sync between steps, so the host
+    queues the next step's kernels while the GPU runs this one's (timing each step alone would
+    add the host's launch time to every step, which training never waits for). The median
+    block over --bench-steps steps, after two warm-up steps (allocator, cuDNN's algorithm search)."""
+    def run(first, n):
+        for step in range(first, first + n):
+            train_step(model, loss_fn, optimizer, scaler, views, step, cfg)
+    common.timed(lambda: run(0, 2), d.device)
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
+    block = min(block, cfg.bench_steps)
+    ms = 1000 * statistics.median([common.timed(lambda: run(first, block), d.device) / block
+                                   for first in range(2, 2 + cfg.bench_steps, block)])
     res = {"step_ms": ms, "img_per_s": cfg.batch_size / ms * 1000}
-    return {**res, "peak_gib": peak / 2**30} if d.device.type == "cuda" else res
+    if d.device.type == "cuda":
+        res["peak_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+    return res
 
 
 def loss_times(loss_fn, inputs, cfg, d):
@@ -946,15 +1095,15 @@ def loss_times(loss_fn, inputs, cfg, d):
     return res
 
 
-def measure_data_wait(model, criterion, optimizer, scaler, loader, cfg, d):
-    """Share of wall time a short run (the loader with its workers, train_step) spends blocked on
-    the loader, from the second batch on (the first includes starting the workers)."""
+def measure_data_wait(model, criterion, optimizer, scaler, loader, photometric, cfg, d):
+    """Share of wall time a short run (the loader with its workers, augment, train_step) spends
+    blocked on the loader, from the second batch on (the first includes starting the workers)."""
     waited, asked = 0.0, time.perf_counter()
-    for step, (views, _) in enumerate(loader):
+    for step, (crops, _) in enumerate(loader):
         if step == 1:
             waited, start = 0.0, asked
         waited += time.perf_counter() - asked
-        train_step(model, criterion, optimizer, scaler, [to_device(x, cfg, d) for x in views], step, cfg)
+        train_step(model, criterion, optimizer, scaler, augment(photometric, crops, step, cfg, d), step, cfg)
         asked = time.perf_counter()
     if d.device.type == "cuda":
         torch.cuda.synchronize(d.device)   # the clock stops when the queued steps are done
@@ -972,9 +1121,9 @@ def print_benchmark(res):
     for key in (k for k in res if k.startswith("loss_ms")):
         print(f"  {key} (loss alone, fwd + bwd, by global batch): "
               + "  ".join(f"{n}: {ms:.1f}" for n, ms in res[key].items()))
-    print(f"  augmentation: {res['augment_img_per_s_per_worker']:.0f} images/s per worker (all views of "
-          f"an image); waiting for data: {100 * res['data_wait']:.1f}% of a short run "
-          f"({res['workers']} workers)")
+    print(f"  augmentation: crops {res['augment_img_per_s_per_worker']:.0f} images/s per worker (all views "
+          f"of an image), photometric half {res['device_augment_ms']:.1f} ms per batch on the device; "
+          f"waiting for data: {100 * res['data_wait']:.1f}% of a short run ({res['workers']} workers)")
 
 
 # ============================================================================================

@@ -1122,14 +1122,111 @@ def test_sampler_global_batches_do_not_depend_on_world_size():
 def test_views_are_seeded_per_item():
     cfg = make_cfg()
     base = corinfomax.TensorImages(*common.make_synthetic(4, 16))
-    ds = corinfomax.Views(base, corinfomax.pretrain_views(cfg))
+    ds = corinfomax.Views(base, [geometric for geometric, _ in corinfomax.pretrain_views(cfg)])
     (a1, a2), y = ds[(1, 123)]
     torch.manual_seed(999)    # the global RNG does not matter
     (b1, b2), _ = ds[(1, 123)]
     assert torch.equal(a1, b1) and torch.equal(a2, b2) and y == int(base.targets[1])
     (c1, _), _ = ds[(1, 124)]
     assert not torch.equal(a1, c1)
-    assert a1.shape == (3, 16, 16) and a1.dtype == torch.float32
+    assert a1.shape == (3, 16, 16) and a1.dtype == torch.uint8   # the crops; colour comes on the device
+
+
+# ---- the photometric half of the views, batched (Augmentation) ------------------------------
+# The reference is torchvision's own v2 functional ops, one image and one factor at a time.
+
+from torchvision.transforms.v2 import functional as TF
+
+
+def _images(n=6, h=20, w=24, seed=0):
+    """Float RGB images in [0, 1] with grey pixels and ties between channels (hue's edge cases)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, h, w, generator=g)
+    x[:, :, :3] = x[:, :1, :3]                  # grey rows: R = G = B
+    x[:, 1, 3:5] = x[:, 0, 3:5]                 # R = G, the max in some pixels
+    x[:, 2, 5:7] = x[:, 1, 5:7].clamp_min(0.5)  # G = B
+    x[:, :, 7, :2] = 128 / 255                  # solarize's threshold itself
+    return x
+
+
+@pytest.mark.parametrize("name, tv, lo, hi", [("brightness", TF.adjust_brightness, 0.6, 1.4),
+                                              ("contrast", TF.adjust_contrast, 0.6, 1.4),
+                                              ("saturation", TF.adjust_saturation, 0.8, 1.2),
+                                              ("hue", TF.adjust_hue, -0.5, 0.5)])
+def test_jitter_ops_match_torchvision_per_image(name, tv, lo, hi):
+    x = _images()
+    f = torch.linspace(lo, hi, len(x))
+    ours = getattr(corinfomax, name)(x, f)
+    want = torch.stack([tv(x[i], float(f[i])) for i in range(len(x))])
+    torch.testing.assert_close(ours, want, rtol=0, atol=2e-6)
+
+
+def test_grayscale_blur_solarize_match_torchvision():
+    x = _images(seed=1)
+    torch.testing.assert_close(corinfomax.grayscale(x), TF.rgb_to_grayscale(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(corinfomax.solarize(x), TF.solarize(x, 128 / 255), rtol=0, atol=0)
+    for taps in (3, 13):
+        sigma = torch.linspace(0.1, 2.0, len(x))
+        want = torch.stack([TF.gaussian_blur(x[i], [taps, taps], [float(sigma[i])] * 2) for i in range(len(x))])
+        torch.testing.assert_close(corinfomax.gaussian_blur(x, sigma, taps), want, rtol=0, atol=1e-5)
+
+
+def _torchvision_view(image, p, i, taps, norm):
+    """Image i of a Photometric draw p, op by op with torchvision (the order the draw says)."""
+    x = image.float() / 255
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    if p["jitter"][i]:
+        for k in p["order"][i].tolist():
+            x = ops[k](x, float(p["factors"][i, k]))
+    if p["gray"][i]:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if p["blur"][i]:
+        x = TF.gaussian_blur(x, [taps, taps], [float(p["sigma"][i])] * 2)
+    if p["solarize"][i]:
+        x = TF.solarize(x, 128 / 255)
+    return TF.normalize(x, *norm)
+
+
+def test_photometric_matches_torchvision_image_by_image():
+    norm = ((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    photometric = corinfomax.Photometric(norm, blur_p=0.5, solarize_p=0.5, taps=5, sigma=(0.1, 2.0))
+    crops = torch.randint(0, 256, (40, 3, 12, 14), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    p = photometric.draw(len(crops), torch.Generator().manual_seed(3))
+    for key in ("jitter", "gray", "blur", "solarize"):   # every branch is taken and skipped
+        assert 0 < int(p[key].sum()) < len(crops), key
+    ours = photometric(crops, p)
+    want = torch.stack([_torchvision_view(crops[i], p, i, 5, norm) for i in range(len(crops))])
+    torch.testing.assert_close(ours, want, rtol=0, atol=5e-5)
+
+
+def test_photometric_draws_follow_the_recipe():
+    n = 20000
+    p = corinfomax.Photometric(((0.5,) * 3, (0.5,) * 3), 0.1, 0.2, 13, (0.1, 2.0)).draw(n, torch.Generator().manual_seed(4))
+    for key, prob in (("jitter", 0.8), ("gray", 0.2), ("blur", 0.1), ("solarize", 0.2)):
+        assert abs(p[key].double().mean().item() - prob) < 0.015, key   # 5 binomial standard deviations
+    assert torch.equal(p["order"].sort(1).values, torch.arange(4).expand(n, 4))   # permutations
+    for k in range(4):   # every op equally often at every position
+        assert ((p["order"] == k).double().mean(0) - 0.25).abs().max() < 0.02
+    lo, hi = torch.tensor([0.6, 0.6, 0.8, -0.1]), torch.tensor([1.4, 1.4, 1.2, 0.1])
+    assert (p["factors"] >= lo).all() and (p["factors"] <= hi).all()
+    assert ((p["factors"].mean(0) - (lo + hi) / 2).abs() < (hi - lo) * 0.01).all()
+    assert p["sigma"].min() >= 0.1 and p["sigma"].max() <= 2.0
+
+
+def test_augment_is_seeded_by_step_and_shared_across_processes():
+    cfg = make_cfg(batch_size=8)
+    _, photometric = zip(*corinfomax.pretrain_views(cfg))
+    crops = [torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(v))
+             for v in range(2)]
+    one = argparse.Namespace(rank=0, device=torch.device("cpu"))
+    whole = corinfomax.augment(photometric, crops, 5, cfg, one)
+    assert all(torch.equal(a, b) for a, b in zip(whole, corinfomax.augment(photometric, crops, 5, cfg, one)))
+    assert not torch.equal(whole[0], corinfomax.augment(photometric, crops, 6, cfg, one)[0])
+    # two processes with 4 images each make the same views as one process with all 8
+    halves = [corinfomax.augment(photometric, [c[4 * r:4 * r + 4] for c in crops], 5, cfg,
+                                 argparse.Namespace(rank=r, device=torch.device("cpu"))) for r in (0, 1)]
+    for v in range(2):
+        torch.testing.assert_close(torch.cat([halves[0][v], halves[1][v]]), whole[v], rtol=0, atol=1e-6)
 
 
 def test_synthetic_is_deterministic_and_balanced():
@@ -1481,7 +1578,9 @@ SHARED = ["TensorImages", "Views", "load_datasets", "read_dataset", "make_loader
           "autocast", "extract", "topk", "knn_accuracy", "cached_probe", "linear_probe", "feature_dim",
           "evaluate", "to_device", "build", "checkpoint_state", "restore", "setup", "train", "read_logs",
           "finish", "config_dict", "format_time", "TrivialLoss", "benchmark", "augment_one_batch",
-          "step_times", "loss_times", "measure_data_wait", "print_benchmark", "main"]
+          "step_times", "loss_times", "measure_data_wait", "print_benchmark", "main", "normalize", "crop",
+          "grayscale", "blend", "brightness", "contrast", "saturation", "hue", "gaussian_blur", "solarize",
+          "apply_to", "Photometric", "augment"]
 
 
 def _sections(path):
