@@ -70,11 +70,12 @@ USAGE
 RESULTS (linear top-1 %; no HyDeS number has been published that we could read; none run on a GPU)
     CIFAR-10 / CIFAR-100 / STL-10 / ImageNet-1k: not run.
     Short CPU runs, cached-feature probe top-1 %, trained vs the same ResNet-18 at random init
-    (2-core CPU; commands and budgets in README.md, "Results"):
+    (2-core CPU; commands and budgets in README.md, "Results"; Fashion-MNIST at commit 6ad9f53,
+    before the photometric augmentation moved to the device):
     synthetic demo (240 steps)                     58.3  vs 30.5
     Fashion-MNIST (250 steps, 28 px), self pair    86.31 vs 74.64
     Fashion-MNIST, --global-self exclude           87.27 vs 74.64
-    One H100, bf16, Fashion-MNIST, 2 epochs of batch 256 (README.md, "Results"): trained 88.00,
+    One H100, bf16, Fashion-MNIST, 2 epochs of batch 256 (README.md, "Results"): trained 88.32,
     random init 74.54, raw pixels 82.16. Step overhead and throughput: README.md, "Performance".
 """
 import argparse
@@ -1048,9 +1049,7 @@ def benchmark(cfg):
     res["device_augment_ms"] = 1000 * statistics.median(ms[1:])
     views = augment(photometric, crops, 0, cfg, d)
     trivial = TrivialLoss()
-    for name, loss_fn in (("", criterion), ("trivial_", trivial)):
-        times = step_times(model, loss_fn, optimizer, scaler, views, cfg, d)
-        res.update({name + k: v for k, v in times.items()})
+    res.update(step_times(model, {"": criterion, "trivial_": trivial}, optimizer, scaler, views, cfg, d))
     res["step_overhead"] = res["step_ms"] / res["trivial_step_ms"]
     for key, loss_fn in loss_variants(cfg).items():
         res[key] = loss_times(loss_fn.to(d.device), trivial.inputs, cfg, d)
@@ -1073,24 +1072,35 @@ def augment_one_batch(images, cfg):
     return batch[0], rate
 
 
-def step_times(model, loss_fn, optimizer, scaler, views, cfg, d, block=5):
-    """ms per train_step with this loss, and on CUDA the peak memory. Steps run back to back in
-    blocks of `block`, as the training loop runs them: no host sync between steps, so the host
-    queues the next step's kernels while the GPU runs this one's (timing each step alone would
-    add the host's launch time to every step, which training never waits for). The median
-    block over --bench-steps steps, after two warm-up steps (allocator, cuDNN's algorithm search)."""
-    def run(first, n):
+def step_times(model, losses, optimizer, scaler, views, cfg, d, block=5):
+    """ms per train_step with each loss of `losses` ({key prefix: loss}), and on CUDA the peak
+    memory. Steps run back to back in blocks of `block`, as the training loop runs them: no host
+    sync between steps, so the host queues the next step's kernels while the GPU runs this one's
+    (timing each step alone would add the host's launch time to every step, which training never
+    waits for). The losses take turns block by block, so that a drift of the machine's speed
+    touches them alike. The median block over --bench-steps steps of each counts, after two
+    warm-up steps of each (allocator, cuDNN's algorithm search)."""
+    def run(loss_fn, first, n):
         for step in range(first, first + n):
             train_step(model, loss_fn, optimizer, scaler, views, step, cfg)
-    common.timed(lambda: run(0, 2), d.device)
-    if d.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(d.device)
+    cuda = d.device.type == "cuda"
+    for loss_fn in losses.values():
+        run(loss_fn, 0, 2)
     block = min(block, cfg.bench_steps)
-    ms = 1000 * statistics.median([common.timed(lambda: run(first, block), d.device) / block
-                                   for first in range(2, 2 + cfg.bench_steps, block)])
-    res = {"step_ms": ms, "img_per_s": cfg.batch_size / ms * 1000}
-    if d.device.type == "cuda":
-        res["peak_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+    times, peak = {name: [] for name in losses}, dict.fromkeys(losses, 0)
+    for first in range(2, 2 + cfg.bench_steps, block):
+        for name, loss_fn in losses.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(d.device)
+            times[name].append(common.timed(lambda: run(loss_fn, first, block), d.device) / block)
+            if cuda:
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(d.device))
+    res = {}
+    for name, t in times.items():
+        ms = 1000 * statistics.median(t)
+        res.update({name + "step_ms": ms, name + "img_per_s": cfg.batch_size / ms * 1000})
+        if cuda:
+            res[name + "peak_gib"] = peak[name] / 2**30
     return res
 
 

@@ -1617,3 +1617,20 @@ def test_shared_sections_identical_across_method_files():
         a, b = (_definitions(p) for p in pair)
         for name in names:
             assert a[name] == b[name], f"{name} differs between {pair[0]} and {pair[1]}"
+
+
+def test_cholesky_logdets_match_slogdet_and_flag_indefinite_matrices():
+    """CorInfoMax's logdet_pd and Explicit MIM's mi_terms factorise by Cholesky; an indefinite
+    matrix must give NaN (the training loop's stop signal), never a finite number."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    S = X.T @ X / 40
+    I = torch.eye(6, dtype=torch.float64)
+    want = [np.linalg.slogdet(M.numpy())[1] for M in (S[:3, :3] + 1e-3 * I[:3, :3], S[3:, 3:] + 1e-3 * I[:3, :3],
+                                                      S + 1e-3 * I)]
+    mi, ld1, ld2, ldj = explicit_mim.mi_terms(S, 3, 1e-3)
+    assert [ld1.item(), ld2.item(), ldj.item()] == pytest.approx(want, rel=1e-12)
+    assert mi.item() == pytest.approx(0.5 * (want[0] + want[1] - want[2]), rel=1e-12)
+    both = corinfomax.logdet_pd(torch.stack([S, -S]))
+    assert both[0].item() == pytest.approx(np.linalg.slogdet(S.numpy())[1], rel=1e-12) and both[1].isnan()
+    assert all(t.isnan() for t in explicit_mim.mi_terms(S, 3, -10.0))
