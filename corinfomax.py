@@ -78,7 +78,7 @@ RESULTS (linear top-1 %; "paper" = official README; "ours" = measured here, comm
     Short CPU runs, cached-feature probe top-1 %, trained vs the same ResNet-18 at random init
     (2-core CPU; commands and budgets in README.md, "Results"; Fashion-MNIST at commit 6ad9f53,
     before the photometric augmentation moved to the device):
-    synthetic demo (240 steps)         52.1  vs 30.6
+    synthetic demo (240 steps)         51.8  vs 30.6
     Fashion-MNIST (250 steps, 28 px)   84.93 vs 74.64
     One H100, bf16, Fashion-MNIST, 2 epochs of batch 256 (README.md, "Results"): trained 87.20,
     random init 74.53, raw pixels 82.11. Step overhead and throughput: README.md, "Performance".

@@ -46,7 +46,7 @@ PROJECT CHOICES (spec section 7; each one flag away)
        Why: with eps = 1e-8 the joint log-det rewards exact linear alignment of the views by up
        to log(1/eps) per dimension, and in our synthetic demo the network bought that alignment
        by discarding information (MI 59 nats, logdet_joint -315, probe 13.1 % against 30.4 % at
-       random init). Demo probe top-1 by eps: 1e-8 13.1, 1e-3 34.8, 1e-2 30.4 (one run each).
+       random init). Demo probe top-1 by eps: 1e-8 13.1, 1e-3 34.8, 1e-2 30.4 (one run each, before b37a993).
     A3 normaliser 1/N (`--cov-denom N-1`; it cancels when eps = 0).
     A4 batch estimates (`--cov-estimator ema` with `--la-R`, `--la-mu`, `--R-ini`).
     A5 row L2 normalisation in the model, which bounds the scale (`--no-normalize`).
@@ -74,7 +74,7 @@ RESULTS (linear top-1 %; the paper's numbers were not available; none run here o
     Short CPU runs, cached-feature probe top-1 %, trained vs the same ResNet-18 at random init
     (2-core CPU; commands and budgets in README.md, "Results"; Fashion-MNIST at commit 6ad9f53,
     before the photometric augmentation moved to the device):
-    synthetic demo (240 steps)         34.8  vs 30.4
+    synthetic demo (240 steps)         33.3  vs 30.4
     Fashion-MNIST (250 steps, 28 px)   83.80 vs 74.61
     One H100, bf16, Fashion-MNIST, 2 epochs of batch 256 (README.md, "Results"): trained 85.11,
     random init 74.56, raw pixels 82.09. Step overhead and throughput: README.md, "Performance".

@@ -72,7 +72,7 @@ RESULTS (linear top-1 %; no HyDeS number has been published that we could read; 
     Short CPU runs, cached-feature probe top-1 %, trained vs the same ResNet-18 at random init
     (2-core CPU; commands and budgets in README.md, "Results"; Fashion-MNIST at commit 6ad9f53,
     before the photometric augmentation moved to the device):
-    synthetic demo (240 steps)                     58.3  vs 30.5
+    synthetic demo (240 steps)                     53.1  vs 30.5
     Fashion-MNIST (250 steps, 28 px), self pair    86.31 vs 74.64
     Fashion-MNIST, --global-self exclude           87.27 vs 74.64
     One H100, bf16, Fashion-MNIST, 2 epochs of batch 256 (README.md, "Results"): trained 88.32,

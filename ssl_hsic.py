@@ -65,7 +65,7 @@ DIFFERENCES FROM THE OFFICIAL CODE, AND OUR CHOICES (spec section 9; each one fl
        their random initialisation), a smaller projector and predictor, and a base LR of 16
        (x B/256). Why 16: LARS moves each weight by about lr * eta of its norm per step, so the
        code's 0.4 x B/256 barely moves a network in a few hundred small-batch steps. Demo probe
-       top-1, one run each: base LR 1.6 gave 27.3 (random init 30.5), 16 gave 36.5. The 16-pixel
+       top-1, one run each before b37a993: base LR 1.6 gave 27.3 (random init 30.5), 16 gave 36.5. The 16-pixel
        demo also uses `--crop-min-scale 0.3` (its blur is off: BYOL's kernel rule gives 1 tap).
    15. Shared with the other method files (see corinfomax.py's header): GlobalBatchSampler data
        order, exact mid-epoch resume, cached-feature probe for short runs, last and best probe top-1.
@@ -89,7 +89,7 @@ RESULTS (linear top-1 %, ResNet-50 on ImageNet; "paper" = official README / spec
     Short CPU runs, cached-feature probe top-1 %, trained vs the same ResNet-18 at random init
     (2-core CPU; commands and budgets in README.md, "Results"; Fashion-MNIST at commit 6ad9f53,
     before the photometric augmentation moved to the device):
-    synthetic demo (240 steps)         36.5  vs 30.5
+    synthetic demo (240 steps)         36.2  vs 30.5
     Fashion-MNIST (250 steps, 28 px)   82.33 vs 74.62
     One H100, bf16, Fashion-MNIST, 2 epochs of batch 256 (README.md, "Results"): trained 83.69,
     random init 74.48, raw pixels 82.16. Step overhead and throughput: README.md, "Performance".

@@ -1201,7 +1201,8 @@ def test_photometric_matches_torchvision_image_by_image():
 
 def test_photometric_draws_follow_the_recipe():
     n = 20000
-    p = corinfomax.Photometric(((0.5,) * 3, (0.5,) * 3), 0.1, 0.2, 13, (0.1, 2.0)).draw(n, torch.Generator().manual_seed(4))
+    photometric = corinfomax.Photometric(((0.5,) * 3, (0.5,) * 3), 0.1, 0.2, 13, (0.1, 2.0))
+    p = photometric.draw(n, torch.Generator().manual_seed(4))
     for key, prob in (("jitter", 0.8), ("gray", 0.2), ("blur", 0.1), ("solarize", 0.2)):
         assert abs(p[key].double().mean().item() - prob) < 0.015, key   # 5 binomial standard deviations
     assert torch.equal(p["order"].sort(1).values, torch.arange(4).expand(n, 4))   # permutations
