@@ -56,6 +56,10 @@ DIFFERENCES FROM THE OFFICIAL CODE, AND OUR CHOICES (spec section 9)
        the 100 classes of the official classes100.txt.
    14. [choice] A "cached-feature probe" for short runs (features computed once without
        augmentation, standardised, linear head by SGD): fast, not the paper protocol, labelled so.
+   15. [choice] The photometric half of the augmentation (colour jitter, grayscale, blur,
+       solarize) runs batched on the training device, in float, with torchvision's formulas and
+       one random draw per image; the official code runs PIL ops per image in the loader, each
+       rounding to 8 bits. Same recipe and distributions; in the workers it starved a GPU.
 
 USAGE
     python corinfomax.py                                   # CPU demo on synthetic patterns, a few minutes

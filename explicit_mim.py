@@ -57,7 +57,8 @@ PROJECT CHOICES (spec section 7; each one flag away)
     the eps floor dominates the MI); the script refuses it unless `--allow-singular`.
     Everything the two files share is as in corinfomax.py: its header lists those choices
     (GlobalBatchSampler, 13-tap blur, per-step schedule and milder crops/blur of our short
-    presets, cached-feature probe, weight decay on all parameters, last and best probe top-1).
+    presets, cached-feature probe, weight decay on all parameters, last and best probe top-1,
+    photometric augmentation batched on the training device).
 
 USAGE
     python explicit_mim.py                                   # CPU demo on synthetic patterns

@@ -40,7 +40,8 @@ WHAT WAS AVAILABLE, AND WHAT THAT MEANS FOR THIS FILE
                 projectors, no blur; the 16-pixel demo also `--crop-min-scale 0.3`;
             14. as in the other method files (corinfomax.py's header): GlobalBatchSampler data
                 order and exact mid-epoch resume, the kNN monitor at k = 200, T = 0.1 (spec 7
-                also names DINO's k = 20, T = 0.07), the cached-feature probe for short runs.
+                also names DINO's k = 20, T = 0.07), the cached-feature probe for short runs,
+                the photometric augmentation batched on the training device.
              All of it is untuned; no HyDeS number has been published that we could read.
 
 EQUATION MAP ([derived] from Figure 1 unless marked; s_ij = z_i . z_j)

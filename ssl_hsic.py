@@ -68,7 +68,8 @@ DIFFERENCES FROM THE OFFICIAL CODE, AND OUR CHOICES (spec section 9; each one fl
        top-1, one run each before b37a993: base LR 1.6 gave 27.3 (random init 30.5), 16 gave 36.5. The 16-pixel
        demo also uses `--crop-min-scale 0.3` (its blur is off: BYOL's kernel rule gives 1 tap).
    15. Shared with the other method files (see corinfomax.py's header): GlobalBatchSampler data
-       order, exact mid-epoch resume, cached-feature probe for short runs, last and best probe top-1.
+       order, exact mid-epoch resume, cached-feature probe for short runs, last and best probe top-1,
+       photometric augmentation batched on the training device.
     Multi-process runs gather the embeddings of all views with gradient (common.gather_with_grad);
     every process then evaluates the loss on the global batch, as the code's all-gather does.
 
