@@ -212,6 +212,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--gpus", type=int, default=1, help="local processes to start (CPU: gloo processes)")
     g.add_argument("--cpu", action="store_true", help="do not use CUDA even if present")
+    g.add_argument("--graph-loss", dest="graph_loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="on one CUDA device, replay the loss and its gradient from CUDA graphs (README, "
+                   "\"Performance\")")
     g.add_argument("--threads", type=int, help="torch CPU threads per process")
     g.add_argument("--output-dir", dest="output_dir", help="checkpoints, metrics.jsonl, backbone.pt")
     g.add_argument("--log-every", dest="log_every", type=int, default=10)
@@ -219,8 +222,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("benchmark (README, \"Performance\")")
     g.add_argument("--benchmark", action="store_true",
                    help="time the step, the loss and the data pipeline on random images; train nothing")
-    g.add_argument("--bench-steps", dest="bench_steps", type=int, default=15,
-                   help="timed training steps per variant (blocks of 5)")
+    g.add_argument("--bench-steps", dest="bench_steps", type=int,
+                   help="timed training steps per variant, in blocks of 5 (default: 40 on CUDA, 15 on CPU)")
     g.add_argument("--bench-sizes", dest="bench_sizes", type=common.batch_sizes,
                    default="128,256,512,1024,2048,4096",
                    help="global batch sizes for the loss-alone timings")
@@ -345,7 +348,8 @@ class ExplicitMIMLoss(nn.Module):
         mu = self.la_mu * self.mu + (1 - self.la_mu) * j.mean(0)
         c = j - mu
         R = self.la_R * self.R + (1 - self.la_R) * c.T @ c / (j.shape[0] - 1 if self.unbiased else j.shape[0])
-        self.R, self.mu = R.detach(), mu.detach()
+        self.R.copy_(R.detach())     # in place, as CorInfoMax's state (Training, graph_loss)
+        self.mu.copy_(mu.detach())
         return R                                          # gradient flows through this batch only
 
 
@@ -836,6 +840,42 @@ def build(cfg, d):
     return model, criterion, optimizer, scaler
 
 
+def graph_loss(criterion, cfg, d):
+    """The loss as train_step calls it: the criterion itself or, with --graph-loss on one CUDA
+    device, its forward and backward replayed from CUDA graphs captured at the first call.
+
+    Why: with small images a GPU step is bound by the host's kernel launches, not by the GPU (an
+    H100 at the CIFAR preset runs a step's kernels in 19 ms while its host takes 25-33 ms to launch
+    them), so the loss's hundred small kernels add their launch time, 2.5-5 ms, to every step; a
+    replay costs under 1 ms (README, "Performance"). It runs the same kernels on the same numbers.
+    Capturing needs fixed shapes, no host sync and state written in place; it calls the loss a few
+    times first, so the state is saved before and put back after. Multi-process runs stay eager (a
+    collective inside a captured loss is untested: the project's device machine has one GPU).
+    """
+    if not (cfg.graph_loss and cfg.use_cuda and d.world == 1):
+        return criterion
+    graphed, keys = None, []
+
+    def flat(*z):   # make_graphed_callables wants tensors out: the logs go as one stacked tensor
+        loss, logs = criterion(*z)
+        keys[:] = logs
+        return loss, torch.stack(list(logs.values()))
+
+    def loss_fn(*z):
+        nonlocal graphed
+        if graphed is None:
+            state = {k: v.clone() for k, v in criterion.state_dict().items()}
+            samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in z)
+            # Its warm-up calls run on a side stream, which the autograd engine warns about; expected here.
+            torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
+            graphed = torch.cuda.make_graphed_callables(flat, samples)
+            torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(True)
+            criterion.load_state_dict(state)
+        loss, values = graphed(*z)
+        return loss, dict(zip(keys, values.clone().unbind()))   # a copy: the next replay overwrites them
+    return loss_fn
+
+
 def train_step(model, criterion, optimizer, scaler, views, step, cfg):
     """Step `step` (0-based) on this rank's share of the global batch; the loss sees the gathered
     batch. `views` holds the two augmented views (x1, x2) of this rank's images."""
@@ -915,6 +955,7 @@ def train(cfg):
         log.print(f"note: preset '{cfg.preset}' is the project's own (small, untuned), not the paper's")
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if cfg.use_cuda else None) \
         if d.world > 1 else model
+    loss_fn = graph_loss(criterion, cfg, d)   # captured at the first step, after any restore
     model.train()
     t0, t_last, images, waited, pending = time.time(), time.time(), 0, 0.0, []
     while step < total:
@@ -924,7 +965,7 @@ def train(cfg):
         for crops, _ in loader:
             waited += time.time() - asked   # time blocked on the loader: a data bottleneck shows here
             views = augment(photometric, crops, step, cfg, d)
-            pending.append(train_step(ddp, criterion, optimizer, scaler, views, step, cfg))
+            pending.append(train_step(ddp, loss_fn, optimizer, scaler, views, step, cfg))
             step, images = step + 1, images + cfg.batch_size
             if step % cfg.log_every == 0 or step == total:
                 logs = read_logs(pending, step, ckpt_path)
@@ -1028,6 +1069,9 @@ def benchmark(cfg):
     d = setup(cfg)
     # Enough batches for a short run several times longer than the loader's prefetch queue (two
     # batches per worker), so that its data-wait share is not that of a queue filled at the start.
+    # A GPU step takes milliseconds and the speed of the host that launches it drifts: more blocks
+    # steady the median. On a CPU a step takes seconds.
+    cfg.bench_steps = cfg.bench_steps or (40 if cfg.use_cuda else 15)
     n = cfg.batch_size * (cfg.bench_steps + 3 + 6 * cfg.workers)
     pixels = torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(cfg.seed))
@@ -1044,14 +1088,15 @@ def benchmark(cfg):
     ms = [common.timed(lambda: augment(photometric, crops, 0, cfg, d), d.device) for _ in range(4)]
     res["device_augment_ms"] = 1000 * statistics.median(ms[1:])
     views = augment(photometric, crops, 0, cfg, d)
-    trivial = TrivialLoss()
-    res.update(step_times(model, {"": criterion, "trivial_": trivial}, optimizer, scaler, views, cfg, d))
+    trivial, loss_fn = TrivialLoss(), graph_loss(criterion, cfg, d)   # the loss as training runs it
+    res["graph_loss"] = loss_fn is not criterion
+    res.update(step_times(model, {"": loss_fn, "trivial_": trivial}, optimizer, scaler, views, cfg, d))
     res["step_overhead"] = res["step_ms"] / res["trivial_step_ms"]
-    for key, loss_fn in loss_variants(cfg).items():
-        res[key] = loss_times(loss_fn.to(d.device), trivial.inputs, cfg, d)
+    for key, variant in loss_variants(cfg).items():
+        res[key] = loss_times(variant.to(d.device), trivial.inputs, cfg, d)
     loader = make_loader(images, sampler, cfg)
     res["workers"] = cfg.workers
-    res["data_wait"] = measure_data_wait(model, criterion, optimizer, scaler, loader, photometric, cfg, d)
+    res["data_wait"] = measure_data_wait(model, loss_fn, optimizer, scaler, loader, photometric, cfg, d)
     print_benchmark(res)
     print(json.dumps(res), flush=True)
 

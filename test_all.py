@@ -1581,7 +1581,7 @@ SHARED = ["TensorImages", "Views", "load_datasets", "read_dataset", "make_loader
           "finish", "config_dict", "format_time", "TrivialLoss", "benchmark", "augment_one_batch",
           "step_times", "loss_times", "measure_data_wait", "print_benchmark", "main", "normalize", "crop",
           "grayscale", "blend", "brightness", "contrast", "saturation", "hue", "gaussian_blur", "solarize",
-          "apply_to", "Photometric", "augment"]
+          "apply_to", "Photometric", "augment", "graph_loss"]
 
 
 def _sections(path):
@@ -1618,6 +1618,37 @@ def test_shared_sections_identical_across_method_files():
         a, b = (_definitions(p) for p in pair)
         for name in names:
             assert a[name] == b[name], f"{name} differs between {pair[0]} and {pair[1]}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("path", ["corinfomax.py", "explicit_mim.py", "hydes.py"])
+def test_graphed_loss_replays_the_eager_steps(path):
+    """Three training steps with the loss replayed from CUDA graphs (graph_loss) give the eager
+    steps' logs, weights and loss state: in particular the capture's warm-up calls must not
+    advance CorInfoMax's running covariances (1 % per step, far above the tolerance)."""
+    m = {"corinfomax.py": corinfomax, "explicit_mim.py": explicit_mim, "hydes.py": hydes}[path]
+    cfg = m.parse_args([str(a) for a in tiny(path)])
+    d = m.setup(cfg)
+    cfg.steps_per_epoch = 10
+    geometric, photometric = zip(*m.pretrain_views(cfg))
+    g = torch.Generator().manual_seed(0)
+    crops = [torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
+                           generator=g) for _ in photometric]
+    runs = []
+    for graph in (False, True):
+        cfg.graph_loss = graph
+        model, criterion, optimizer, scaler = m.build(cfg, d)
+        loss_fn = m.graph_loss(criterion, cfg, d)
+        assert (loss_fn is not criterion) == graph
+        logs = [m.train_step(model, loss_fn, optimizer, scaler, m.augment(photometric, crops, s, cfg, d), s, cfg)
+                for s in range(3)]
+        runs.append((logs, model.state_dict(), criterion.state_dict()))
+    (eager_logs, eager_w, eager_s), (graph_logs, graph_w, graph_s) = runs
+    for a, b in zip(eager_logs, graph_logs):
+        torch.testing.assert_close(torch.stack(list(b.values())), torch.stack(list(a.values())),
+                                   rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(graph_w, eager_w, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(graph_s, eager_s, rtol=1e-5, atol=1e-7)
 
 
 def test_cholesky_logdets_match_slogdet_and_flag_indefinite_matrices():
