@@ -812,10 +812,11 @@ def graph_loss(criterion, cfg, d):
     Why: with small images a GPU step is bound by the host's kernel launches, not by the GPU (an
     H100 at the CIFAR preset runs a step's kernels in 19 ms while its host takes 25-33 ms to launch
     them), so the loss's hundred small kernels add their launch time, 2.5-5 ms, to every step; a
-    replay costs under 1 ms (README, "Performance"). It runs the same kernels on the same numbers.
-    Capturing needs fixed shapes, no host sync and state written in place; it calls the loss a few
-    times first, so the state is saved before and put back after. Multi-process runs stay eager (a
-    collective inside a captured loss is untested: the project's device machine has one GPU).
+    replay launched behind a busy GPU, as in training, costs under 1 ms (README, "Performance"). It
+    runs the same kernels on the same numbers. Capturing needs fixed shapes, no host sync and state
+    written in place; it calls the loss a few times first, so the state is saved before and put
+    back after. Multi-process runs stay eager (a collective inside a captured loss is untested: the
+    project's device machine has one GPU).
     """
     if not (cfg.graph_loss and cfg.use_cuda and d.world == 1):
         return criterion
@@ -833,9 +834,15 @@ def graph_loss(criterion, cfg, d):
             samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in z)
             # Its warm-up calls run on a side stream, which the autograd engine warns about; expected here.
             torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
-            graphed = torch.cuda.make_graphed_callables(flat, samples)
-            torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(True)
-            criterion.load_state_dict(state)
+            try:
+                graphed = torch.cuda.make_graphed_callables(flat, samples)
+            except RuntimeError as e:
+                reason = str(e).partition("\n")[0]   # CUDA errors run over several lines
+                raise UsageError(f"capturing the loss in a CUDA graph failed ({reason}); rerun with "
+                                 "--no-graph-loss") from None
+            finally:   # whether or not the capture worked: the warning and the loss's state as before
+                torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(True)
+                criterion.load_state_dict(state)
         loss, values = graphed(*z)
         return loss, dict(zip(keys, values.clone().unbind()))   # a copy: the next replay overwrites them
     return loss_fn

@@ -410,26 +410,32 @@ class SSLHSIC(nn.Module):
     @torch.no_grad()
     def _update_scale(self, z):
         """One Adam step on c maximising grad_norm = mean(1/2 log max(g^2, 1e-14)), g = dk/d(d2) =
-        -(c/2)(d2 + c^2)^(-3/2), over scale_rows/M resampled rows per view, twice (spec 3.6)."""
+        -(c/2)(d2 + c^2)^(-3/2), over scale_rows/M resampled rows per view, twice (spec 3.6). In
+        z's precision: float32 in training, as the code."""
         M, N, D = z.shape
-        g = self._generator(z.device, 0)
+        gen = self._generator(z.device, 0)
 
         def rows():
-            idx = torch.randint(N, (M, self.scale_rows // M), generator=g, device=g.device).to(z.device)
-            return z[torch.arange(M, device=z.device)[:, None], idx].reshape(-1, D).double()
+            idx = torch.randint(N, (M, self.scale_rows // M), generator=gen, device=gen.device).to(z.device)
+            return z[torch.arange(M, device=z.device)[:, None], idx].reshape(-1, D)
         d2 = squared_distances(rows(), rows())
-        with torch.enable_grad():
-            c = self.c.clone().requires_grad_()
-            dk = -(c / 2) * (d2 + c**2).pow(-1.5)
-            grad_norm = (0.5 * dk.pow(2).clamp_min(1e-14).log()).mean()
-            (grad,) = torch.autograd.grad(-grad_norm, c)     # the training loss adds -grad_norm
+        c = self.c
+        # 1/2 log max(g^2, 1e-14) = max(log|g|, log 1e-7), log|g| = log(c/2) - 1.5 log(d2 + c^2).
+        u = d2 + c**2
+        log_g = torch.log(c / 2) - 1.5 * torch.log(u)
+        floor = math.log(1e-7)
+        grad_norm = log_g.clamp_min(floor).mean()
+        # Its derivative written out rather than taken by autograd (about half the passes over the
+        # 1024 x 1024 pairs): d log|g| / dc = 1/c - 3c/u where the clamp passes the gradient
+        # (log_g >= floor, as autograd's clamp). The training loss adds -grad_norm.
+        grad = -torch.where(log_g >= floor, 1 / c - 3 * c / u, 0).mean().double()
         # Adam (lr 3e-4, betas 0.9 / 0.999, eps 1e-8), written out so its state lives in buffers.
         t = self.calls + 1
-        self.c_adam_m.mul_(0.9).add_(0.1 * grad)
-        self.c_adam_v.mul_(0.999).add_(0.001 * grad**2)
+        self.c_adam_m.lerp_(grad, 0.1)                                  # m = 0.9 m + 0.1 grad
+        self.c_adam_v.mul_(0.999).addcmul_(grad, grad, value=0.001)     # v = 0.999 v + 0.001 grad^2
         m_hat, v_hat = self.c_adam_m / (1 - 0.9**t), self.c_adam_v / (1 - 0.999**t)
         self.c.sub_(self.scale_lr * m_hat / (v_hat.sqrt() + 1e-8))
-        return grad_norm.detach()
+        return grad_norm
 
 
 def make_criterion(cfg):
@@ -1019,10 +1025,11 @@ def graph_loss(criterion, cfg, d):
     Why: with small images a GPU step is bound by the host's kernel launches, not by the GPU (an
     H100 at the CIFAR preset runs a step's kernels in 19 ms while its host takes 25-33 ms to launch
     them), so the loss's hundred small kernels add their launch time, 2.5-5 ms, to every step; a
-    replay costs under 1 ms (README, "Performance"). It runs the same kernels on the same numbers.
-    Capturing needs fixed shapes, no host sync and state written in place; it calls the loss a few
-    times first, so the state is saved before and put back after. Multi-process runs stay eager (a
-    collective inside a captured loss is untested: the project's device machine has one GPU).
+    replay launched behind a busy GPU, as in training, costs under 1 ms (README, "Performance"). It
+    runs the same kernels on the same numbers. Capturing needs fixed shapes, no host sync and state
+    written in place; it calls the loss a few times first, so the state is saved before and put
+    back after. Multi-process runs stay eager (a collective inside a captured loss is untested: the
+    project's device machine has one GPU).
     """
     if not (cfg.graph_loss and cfg.use_cuda and d.world == 1):
         return criterion
@@ -1040,9 +1047,15 @@ def graph_loss(criterion, cfg, d):
             samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in z)
             # Its warm-up calls run on a side stream, which the autograd engine warns about; expected here.
             torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
-            graphed = torch.cuda.make_graphed_callables(flat, samples)
-            torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(True)
-            criterion.load_state_dict(state)
+            try:
+                graphed = torch.cuda.make_graphed_callables(flat, samples)
+            except RuntimeError as e:
+                reason = str(e).partition("\n")[0]   # CUDA errors run over several lines
+                raise UsageError(f"capturing the loss in a CUDA graph failed ({reason}); rerun with "
+                                 "--no-graph-loss") from None
+            finally:   # whether or not the capture worked: the warning and the loss's state as before
+                torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(True)
+                criterion.load_state_dict(state)
         loss, values = graphed(*z)
         return loss, dict(zip(keys, values.clone().unbind()))   # a copy: the next replay overwrites them
     return loss_fn

@@ -600,23 +600,34 @@ def _scale_objective(c, d2):
     return (0.5 * torch.log(torch.clamp(g * g, min=1e-14))).mean()
 
 
-def test_ssl_hsic_scale_step_is_adam_on_the_grad_norm_objective():
+@pytest.mark.parametrize("sigma, dtype, rel", [(1.0, torch.float64, 1e-12), (1e-7, torch.float64, 1e-4),
+                                              (1.0, torch.float32, 1e-6)])
+def test_ssl_hsic_scale_step_is_adam_on_the_grad_norm_objective(sigma, dtype, rel):
+    """Three steps of the module's hand-written gradient and Adam against autograd on the objective
+    written directly and torch.optim.Adam, in float64. At c = 1e-7 the clamp holds g^2 at 1e-14 for some
+    pairs, not all, at the first step; the gradient's size there sets the later Adam steps (without
+    the clamp's mask c is off by 2.5e-3 relative). There c^2 = 1e-14, so the module's distances of
+    a row to itself, |x|^2 + |x|^2 - 2 x.x ~ 1e-16 where the test's differences give 0, move c by
+    3e-5 relative. float32: the module computes in the embeddings' precision, as in training."""
     M, N, D = 4, 10, 5
     z = unit_views(M, N, D, seed=3)
-    crit = ssl_hsic.SSLHSIC(num_features=16, seed=2)
-    c_param = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+    crit = ssl_hsic.SSLHSIC(sigma=sigma, num_features=16, seed=2)
+    c_param = torch.nn.Parameter(torch.tensor(sigma, dtype=torch.float64))
     adam = torch.optim.Adam([c_param], lr=3e-4, betas=(0.9, 0.999), eps=1e-8)
+    clamped = []    # share of pairs whose g^2 the clamp holds at 1e-14, per step
     for _ in range(3):
         g = crit._generator(z.device, 0)       # the draw the module makes for this call
         rows = [z[torch.arange(M)[:, None], torch.randint(N, (M, 1024 // M), generator=g)].reshape(-1, D)
                 for _ in range(2)]
         d2 = ((rows[0][:, None, :] - rows[1][None, :, :]) ** 2).sum(-1)
+        clamped.append(((c_param / 2) ** 2 / (d2 + c_param**2) ** 3 < 1e-14).double().mean().item())
         adam.zero_grad()
         (-_scale_objective(c_param, d2)).backward()
         adam.step()
-        _, logs = read(crit(z))
+        _, logs = read(crit(z.to(dtype)))
         assert logs["c"] != crit.c.item()      # the loss used c from before the step
-        assert crit.c.item() == pytest.approx(c_param.item(), rel=1e-12)
+        assert crit.c.item() == pytest.approx(c_param.item(), rel=rel)
+    assert (0 < clamped[0] < 1) == (sigma < 1)
 
 
 def test_ssl_hsic_scale_objective_optimum():
@@ -1649,6 +1660,46 @@ def test_graphed_loss_replays_the_eager_steps(path):
                                    rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(graph_w, eager_w, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(graph_s, eager_s, rtol=1e-5, atol=1e-7)
+
+
+def test_graph_loss_capture_keeps_the_loss_state_and_fails_in_one_line(monkeypatch):
+    """graph_loss's bookkeeping around the capture, on the CPU with the capture faked (the GPU test
+    above checks the replay): the capture's extra loss calls must not advance CorInfoMax's running
+    covariances, the logs come back by name, the autograd warning is switched back on, and a capture
+    that fails is a one-line UsageError that leaves the loss's state as it was."""
+    cfg = corinfomax.parse_args([str(a) for a in tiny("corinfomax.py")])
+    cfg.use_cuda, cfg.graph_loss = True, True      # as on one GPU; nothing below touches CUDA
+    d = argparse.Namespace(device=torch.device("cpu"), world=1)
+    switches, captures = [], []
+    monkeypatch.setattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", switches.append)
+
+    def capture(fn, samples):     # like make_graphed_callables: warm-up calls and the captured one
+        captures.append(len(samples))
+        for _ in range(4):
+            fn(*samples)[0].backward()
+        return fn
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
+    g = torch.Generator().manual_seed(4)
+    z = [torch.randn(3, 16, corinfomax.out_dim(cfg), generator=g) for _ in range(2)]   # 3 steps, 2 views
+    eager, captured = corinfomax.make_criterion(cfg), corinfomax.make_criterion(cfg)
+    loss_fn = corinfomax.graph_loss(captured, cfg, d)
+    for step in range(3):
+        want = read(eager(z[0][step], z[1][step]))[1]
+        got = read(loss_fn(z[0][step].requires_grad_(), z[1][step].requires_grad_()))[1]
+        assert got == pytest.approx(want, rel=1e-12)
+    torch.testing.assert_close(captured.state_dict(), eager.state_dict(), rtol=1e-12, atol=0)
+    assert captures == [2] and switches == [False, True]
+
+    def failing(fn, samples):
+        fn(*samples)
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nCompile with ...")
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing)
+    before = {k: v.clone() for k, v in captured.state_dict().items()}
+    with pytest.raises(common.UsageError, match=r"failed \(CUDA error: operation not permitted when stream is "
+                                         r"capturing\); rerun with --no-graph-loss$"):
+        corinfomax.graph_loss(captured, cfg, d)(z[0][0], z[1][0])
+    torch.testing.assert_close(captured.state_dict(), before, rtol=0, atol=0)
+    assert switches[-2:] == [False, True]
 
 
 def test_cholesky_logdets_match_slogdet_and_flag_indefinite_matrices():
