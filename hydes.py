@@ -536,6 +536,7 @@ def pretrain_views(cfg):
     local = view(cfg.local_size, (0.05, 0.25), 0.5, 0.0)
     return [recipes[v % 2] for v in range(cfg.views)] + [local] * cfg.local_crops
 
+
 def probe_train_view(cfg):
     """Linear-probe training augmentation (spec 7): RandomResizedCrop + flip."""
     return v2.Compose([v2.ToImage(),
@@ -1172,7 +1173,7 @@ def loss_times(loss_fn, inputs, cfg, d):
     return res
 
 
-def measure_data_wait(model, criterion, optimizer, scaler, loader, photometric, cfg, d):
+def measure_data_wait(model, loss_fn, optimizer, scaler, loader, photometric, cfg, d):
     """Share of wall time a short run (the loader with its workers, augment, train_step) spends
     blocked on the loader, from the second batch on (the first includes starting the workers)."""
     waited, asked = 0.0, time.perf_counter()
@@ -1180,7 +1181,7 @@ def measure_data_wait(model, criterion, optimizer, scaler, loader, photometric, 
         if step == 1:
             waited, start = 0.0, asked
         waited += time.perf_counter() - asked
-        train_step(model, criterion, optimizer, scaler, augment(photometric, crops, step, cfg, d), step, cfg)
+        train_step(model, loss_fn, optimizer, scaler, augment(photometric, crops, step, cfg, d), step, cfg)
         asked = time.perf_counter()
     if d.device.type == "cuda":
         torch.cuda.synchronize(d.device)   # the clock stops when the queued steps are done

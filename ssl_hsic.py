@@ -704,6 +704,7 @@ def pretrain_views(cfg):
     return [(geometric, Photometric(cfg.norm, blur_p, solarize_p, taps, (0.1, cfg.blur_sigma)))
             for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2))]
 
+
 def probe_train_view(cfg):
     """Linear-probe training augmentation (spec 7): RandomResizedCrop + flip."""
     return v2.Compose([v2.ToImage(),
@@ -1349,7 +1350,7 @@ def loss_times(loss_fn, inputs, cfg, d):
     return res
 
 
-def measure_data_wait(model, criterion, optimizer, scaler, loader, photometric, cfg, d):
+def measure_data_wait(model, loss_fn, optimizer, scaler, loader, photometric, cfg, d):
     """Share of wall time a short run (the loader with its workers, augment, train_step) spends
     blocked on the loader, from the second batch on (the first includes starting the workers)."""
     waited, asked = 0.0, time.perf_counter()
@@ -1357,7 +1358,7 @@ def measure_data_wait(model, criterion, optimizer, scaler, loader, photometric, 
         if step == 1:
             waited, start = 0.0, asked
         waited += time.perf_counter() - asked
-        train_step(model, criterion, optimizer, scaler, augment(photometric, crops, step, cfg, d), step, cfg)
+        train_step(model, loss_fn, optimizer, scaler, augment(photometric, crops, step, cfg, d), step, cfg)
         asked = time.perf_counter()
     if d.device.type == "cuda":
         torch.cuda.synchronize(d.device)   # the clock stops when the queued steps are done
