@@ -1,99 +1,50 @@
 """CorInfoMax: self-supervised learning by maximising correlative (log-determinant) information.
 
-Paper    Serdar Ozsoy, Shadi Hamdan, Sercan O. Arik, Deniz Yuret, Alper T. Erdogan.
-         "Self-Supervised Learning with an Information Maximization Criterion", NeurIPS 2022,
-         arXiv:2209.07999.
-Official github.com/serdarozsoy/corinfomax-ssl, read at commit c0b917e
-         (c0b917ebbf80ad272f62da398b3f1c05245a89bf).
-Spec     ../shared/specs/corinfomax.md (our reading of the paper and the official code).
+Paper    Serdar Ozsoy, Shadi Hamdan, Sercan O. Arik, Deniz Yuret, Alper T. Erdogan. "Self-Supervised
+         Learning with an Information Maximization Criterion", NeurIPS 2022, arXiv:2209.07999.
+Official github.com/serdarozsoy/corinfomax-ssl @ c0b917e (read, not copied). docs/corinfomax.md
+         gives the reasons for every difference below.
 
 THE IDEA
     Two augmented views of an image go through one network to L2-normalised embeddings z1, z2.
     The loss keeps the views close (a mean squared distance) and, against collapse, maximises the
-    log-determinant of each view's covariance: a log-det is -inf for a collapsed (low-rank)
-    embedding and grows as the embedding spreads over all D directions. Together they are a
-    first-order approximation of the log-determinant mutual information (LDMI, the paper's Eq. 3)
-    between the views, with the linear predictor between them fixed to the identity. The
-    covariances are running estimates (exponential moving averages across batches), which lets
-    small batches estimate a D x D covariance.
+    log-determinant of each view's covariance, which is -inf for a collapsed (low-rank) embedding
+    and grows as it spreads over all D directions: a first-order approximation of the log-det
+    mutual information between the views (the paper's Eq. 3). The covariances are running
+    estimates (moving averages across batches), so small batches can estimate a D x D covariance.
 
-EQUATION MAP (official code names; the paper's full text was unavailable, see spec section 3)
-    running mean      mu_b' = la_mu mu_b + (1 - la_mu) mean(z_b)        CorInfoMaxLoss._branch, step 1
-    centring          zc_b = z_b - mu_b'  (the UPDATED mean)             _branch, step 2
-    batch covariance  C_b = zc_b^T zc_b / N                              _branch, step 3
-    running cov.      R_b' = la_R R_b + (1 - la_R) C_b                   _branch, step 4
-    log-det term      L_cov = -[logdet(R_1'+eps I) + logdet(R_2'+eps I)] / D   logdet_pd, step 5
-    state update      R_b <- detach(R_b'), mu_b <- detach(mu_b')         forward, step 6
-    invariance term   L_sim = sum_i ||z1_i - z2_i||^2 / (N D)            forward, step 7
-    objective         L = alpha L_sim + L_cov   (LDMI, Eq. 3, to first order)   forward, step 8
-    LR schedule       warm-up from 3e-3 + cosine, stepped per epoch      lr_at
-    linear probe      frozen backbone in eval mode, SGD, per-dataset schedule   linear_probe
+EQUATION MAP (official code names; the steps are numbered in CorInfoMaxLoss)
+    running mean      mu_b' = la_mu mu_b + (1 - la_mu) mean(z_b)                    step 1
+    centring          zc_b = z_b - mu_b'  (the UPDATED mean)                         step 2
+    batch covariance  C_b = zc_b^T zc_b / N                                          step 3
+    running cov.      R_b' = la_R R_b + (1 - la_R) C_b                               step 4
+    log-det term      L_cov = -[logdet(R_1' + eps I) + logdet(R_2' + eps I)] / D     step 5
+    state update      R_b <- detach(R_b'), mu_b <- detach(mu_b')                     step 6
+    invariance term   L_sim = sum_i ||z1_i - z2_i||^2 / (N D)                        step 7
+    objective         L = alpha L_sim + L_cov   (LDMI, Eq. 3, to first order)        step 8
+    LR schedule       warm-up from 3e-3 + cosine, stepped per epoch                  lr_at
 
-DIFFERENCES FROM THE OFFICIAL CODE, AND OUR CHOICES (spec section 9)
-    1. Loss form and alpha scaling: the official code form, alpha in code scale (no switch).
-    2. Centring: updated running mean as official; `--center-with previous` gives the earlier variant.
-    3. eps = 1e-8 as in every README command (the parser default 1e-6 is unused): `--eps`.
-    4. State R_b, mu_b: float64 as official, but registered buffers saved in checkpoints (the
-       official code keeps plain attributes, so its resume resets them to R_ini I and 0).
-    5. LR stepped once per epoch as official; `--lr-per-step` gives a smooth per-step variant.
-    6. Output L2 normalisation on as official; `--no-normalize` turns it off.
-    7. AMP: bf16 autocast on CUDA by default (official: fp16 on ImageNet-1k only); the loss always
-       runs outside autocast in float64. `--amp {bf16,fp16,off}`.
-    8. No online probe inside the optimiser (official IN-100 script); a kNN monitor instead.
-    9. [choice] Weight decay on all parameters, one SGD group (no exclusion is documented).
-   10. [choice] Gaussian blur with a 13-tap kernel: PIL's blur (official) has no kernel size, and
-       13 taps cover +-3 sigma for the largest sigma (2.0) at every image size.
-   11. [choice] Data order from our GlobalBatchSampler (common.py), not DistributedSampler: the
-       global batch is the same images whatever the world size, and resume is exact mid-epoch.
-   12. [choice] Linear probe: we report both the last and the best epoch's top-1 (the code logs
-       every epoch and does not say which one the paper quotes).
-   13. [choice] Presets `fashionmnist`, `synthetic` and `stl10` are ours (small, untuned). Both
-       short presets use the per-step schedule (`--lr-per-step`): with a few epochs, a warm-up
-       held per epoch wastes a whole epoch at 3e-3, and jumping to the base LR collapsed the
-       embedding in our runs. The 16-pixel `synthetic` preset also uses `--crop-min-scale 0.3`
-       and `--blur-sigma 0.5`: the recipe's blur (sigma up to 2 pixels, always on view 1) would
-       erase its 3-5 pixel patterns. ImageNet-100 expects an ImageFolder already restricted to
-       the 100 classes of the official classes100.txt.
-   14. [choice] A "cached-feature probe" for short runs (features computed once without
-       augmentation, standardised, linear head by SGD): fast, not the paper protocol, labelled so.
-   15. [choice] The photometric half of the augmentation (colour jitter, grayscale, blur,
-       solarize) runs batched on the training device, in float, with torchvision's formulas and
-       one random draw per image; the official code runs PIL ops per image in the loader, each
-       rounding to 8 bits. Same recipe and distributions; in the workers it starved a GPU.
+DIFFERENCES FROM THE OFFICIAL CODE ([choice]: ours where it is silent)
+    1. R_b, mu_b are float64 buffers saved in checkpoints (the official resume resets them).
+    2. bf16 autocast on CUDA by default (official: fp16 on ImageNet-1k only); the loss outside it.
+    3. A kNN monitor instead of the official IN-100 script's online probe.
+    4. [choice] Colour jitter, grayscale, blur and solarize batched on the training device, in
+       float (official: PIL per image in the loader); a 13-tap blur; weight decay on everything.
+    5. [choice] Global batches the same whatever the world size; exact mid-epoch resume.
+    6. [choice] Presets stl10, fashionmnist, synthetic; the short ones step the LR per step.
+    7. [choice] A cached-feature probe for short runs; the linear probe reports last and best top-1.
+    Switches: --center-with previous, --lr-per-step, --amp, --no-normalize.
 
 USAGE
-    python corinfomax.py                                   # CPU demo on synthetic patterns, a few minutes
-    python corinfomax.py --data fashionmnist --epochs 20   # Debian's dataset-fashion-mnist, or --data-dir
+    python corinfomax.py                                   # CPU demo on synthetic patterns
     python corinfomax.py --data cifar10 --data-dir data    # 1 GPU, the official CIFAR-10 recipe
     python corinfomax.py --data imagenet --data-dir /ds/imagenet --gpus 8
-    python corinfomax.py --benchmark --data cifar10    # step overhead, loss cost, data pipeline
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        corinfomax.py --data imagenet --data-dir /ds/imagenet     # two nodes
-    Every run resumes automatically from --output-dir. `--help` lists every flag.
-
-RESULTS (linear top-1 %; "paper" = official README; "ours" = measured here, command in README.md)
-    dataset        encoder     paper    ours
-    CIFAR-10       ResNet-18   93.18    not run (no GPU yet)
-    CIFAR-100      ResNet-18   71.61    not run
-    Tiny ImageNet  ResNet-50   54.86    not run
-    ImageNet-100   ResNet-18   80.48    not run
-    ImageNet-100   ResNet-50   82.64    not run
-    ImageNet-1k    ResNet-50   69.08    not run
-    Short CPU runs, cached-feature probe top-1 %, trained vs the same ResNet-18 at random init
-    (2-core CPU; commands and budgets in README.md, "Results"; Fashion-MNIST at commit 6ad9f53,
-    before the photometric augmentation moved to the device):
-    synthetic demo (240 steps)         51.8  vs 30.6
-    Fashion-MNIST (250 steps, 28 px)   84.93 vs 74.64
-    One H100, bf16, Fashion-MNIST, 2 epochs of batch 256 (README.md, "Results"): trained 87.20,
-    random init 74.53, raw pixels 82.11. Step overhead and throughput: README.md, "Performance".
+    python tools/benchmark.py corinfomax --data cifar10    # step overhead, loss cost, data pipeline
 """
 import argparse
-import json
+import functools
 import math
 import os
-import statistics
-import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -102,159 +53,73 @@ import torchvision
 from torchvision.transforms import v2
 
 import common
-from common import UsageError
 
 PROG = "corinfomax.py"
 
 # ============================================================================================
 # Config
 # ============================================================================================
-# One preset per dataset (spec sections 4, 6, 7). Every value can be overridden by the flag of
-# the same name; flags are named after the paper's / official code's symbols.
+# One preset per dataset, from the official scripts unless marked ours. Every value can be
+# overridden by the flag of the same name; flags are named after the official code's symbols.
 
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-COMMON = dict(momentum=0.9, wd=1e-4, lr_per_step=False, crop_min_scale=0.08, blur_sigma=2.0, R_ini=1.0,
-              eps=1e-8, proj_bn=False, stem="cifar",
-              probe="linear", probe_epochs=100, probe_lr=0.2, probe_schedule="cosine",
-              knn_every=0, baseline=False, image_size=32, arch="resnet18")
+COMMON = dict(lr=0.5, warmup_epochs=10, min_lr=1e-6, lr_per_step=False, momentum=0.9, wd=1e-4, la_R=0.01,
+              la_mu=0.01, R_ini=1.0, eps=1e-8, projector="4096-4096-128", proj_bn=False, arch="resnet18",
+              stem="cifar", image_size=32, crop_min_scale=0.08, blur_sigma=2.0, probe="linear",
+              probe_epochs=100, probe_lr=0.2, probe_schedule="cosine", knn_every=10, baseline=False)
 PRESETS = {
-    "cifar10": dict(epochs=1000, batch_size=512, lr=0.5, warmup_epochs=10, min_lr=1e-6, alpha=250.0,
-                    la_R=0.01, la_mu=0.01, projector="2048-2048-64", knn_every=10,
+    "cifar10": dict(epochs=1000, batch_size=512, projector="2048-2048-64",
                     norm=((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))),
-    "cifar100": dict(epochs=1000, batch_size=512, lr=0.5, warmup_epochs=10, min_lr=1e-6, alpha=1000.0,
-                     la_R=0.01, la_mu=0.01, projector="4096-4096-128", knn_every=10,
+    "cifar100": dict(epochs=1000, batch_size=512,
                      norm=((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
     "tiny-imagenet": dict(arch="resnet50", stem="imagenet", image_size=64, epochs=800, batch_size=1024,
-                          lr=0.5, warmup_epochs=10, min_lr=1e-6, alpha=500.0, la_R=0.1, la_mu=0.1,
-                          projector="4096-4096-128", knn_every=10, norm=IMAGENET_NORM),
-    "imagenet100": dict(stem="imagenet", image_size=224, epochs=400, batch_size=1024, lr=1.0,
-                        warmup_epochs=10, min_lr=5e-3, alpha=500.0, la_R=0.01, la_mu=0.01,
-                        projector="4096-4096-128", knn_every=10, norm=IMAGENET_NORM),
-    "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, epochs=100, batch_size=1536,
-                     lr=0.2, warmup_epochs=10, min_lr=1e-6, alpha=2000.0, la_R=0.1, la_mu=0.1,
-                     projector="8192-8192-512", proj_bn=True, probe_lr=25.0, probe_schedule="step",
-                     knn_every=5, norm=IMAGENET_NORM),
-    # ---- our own presets: small, untuned, labelled so ----
-    "stl10": dict(stem="imagenet", image_size=96, epochs=400, batch_size=512, lr=0.5, warmup_epochs=10,
-                  min_lr=1e-6, alpha=500.0, la_R=0.01, la_mu=0.01, projector="4096-4096-128",
-                  knn_every=10, norm=IMAGENET_NORM),
-    "fashionmnist": dict(image_size=28, epochs=20, batch_size=256, lr=0.5, warmup_epochs=2, min_lr=1e-3,
-                         lr_per_step=True,
-                         alpha=250.0, la_R=0.01, la_mu=0.01, projector="1024-1024-64", probe="cached",
-                         knn_every=5, baseline=True, norm=((0.286,) * 3, (0.353,) * 3)),
-    "synthetic": dict(image_size=16, epochs=4, batch_size=64, lr=0.2, warmup_epochs=1, min_lr=1e-3,
-                      lr_per_step=True, crop_min_scale=0.3, blur_sigma=0.5,
-                      alpha=250.0, la_R=0.01, la_mu=0.01, projector="512-512-32", probe="cached",
-                      baseline=True, synthetic_train=3840, synthetic_test=1000,
+                          norm=IMAGENET_NORM),
+    "imagenet100": dict(stem="imagenet", image_size=224, epochs=400, batch_size=1024, lr=1.0, min_lr=5e-3,
+                        norm=IMAGENET_NORM),
+    "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, epochs=100, batch_size=1536, lr=0.2,
+                     projector="8192-8192-512", proj_bn=True, probe_lr=25.0,
+                     probe_schedule="step", knn_every=5, norm=IMAGENET_NORM),
+    # ---- our own presets: small, untuned ----
+    "stl10": dict(stem="imagenet", image_size=96, epochs=400, batch_size=512, norm=IMAGENET_NORM),
+    "fashionmnist": dict(image_size=28, epochs=20, batch_size=256, warmup_epochs=2, min_lr=1e-3, lr_per_step=True,
+                         projector="1024-1024-64", probe="cached", knn_every=5, baseline=True,
+                         norm=((0.286,) * 3, (0.353,) * 3)),
+    "synthetic": dict(image_size=16, epochs=4, batch_size=64, lr=0.2, warmup_epochs=1, min_lr=1e-3, lr_per_step=True,
+                      crop_min_scale=0.3, blur_sigma=0.5, projector="512-512-32", probe="cached",
+                      knn_every=0, baseline=True, synthetic_train=3840, synthetic_test=1000,
                       norm=((0.5,) * 3, (0.25,) * 3)),
 }
+# The method's own numbers (official scripts): alpha, the weight of the invariance term, and the
+# rates la_R = la_mu of the running estimates, per preset.
+for name, alpha, la in (("cifar10", 250.0, 0.01), ("cifar100", 1000.0, 0.01), ("tiny-imagenet", 500.0, 0.1),
+                        ("imagenet100", 500.0, 0.01), ("imagenet", 2000.0, 0.1), ("stl10", 500.0, 0.01),
+                        ("fashionmnist", 250.0, 0.01), ("synthetic", 250.0, 0.01)):
+    PRESETS[name].update(alpha=alpha, la_R=la, la_mu=la)
 OUR_PRESETS = ("stl10", "fashionmnist", "synthetic")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog=PROG, description="CorInfoMax self-supervised pretraining "
-                                "(arXiv:2209.07999). Preset values fill every flag left unset.")
-    a = p.add_argument
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="synthetic",
-                   help=f"preset name ({', '.join(PRESETS)}) or a folder with train/ and val/")
-    g.add_argument("--data-dir", help="where the dataset lives (default: ./data; Fashion-MNIST: "
-                   f"{common.FASHION_MNIST_SYSTEM_DIR})")
-    g.add_argument("--preset", help="preset for a folder given as --data (default: imagenet)")
-    g.add_argument("--download", action="store_true", help="download CIFAR/STL with torchvision first")
-    g.add_argument("--workers", type=int, help="data-loader workers per process (default: the CPU cores "
-                   "per process less one on CUDA, 0 on CPU)")
-    g.add_argument("--synthetic-train", dest="synthetic_train", type=int, help="synthetic: training images")
-    g.add_argument("--synthetic-test", dest="synthetic_test", type=int, help="synthetic: test images")
-    g = p.add_argument_group("method (official code names)")
-    g.add_argument("--alpha", type=float, help="weight of the invariance term (code scale)")
-    g.add_argument("--la-R", dest="la_R", type=float, help="lambda_R: weight of the previous covariance")
-    g.add_argument("--la-mu", dest="la_mu", type=float, help="lambda_mu: weight of the previous mean")
-    g.add_argument("--R-ini", dest="R_ini", type=float, help="initial covariance R_ini * I")
-    g.add_argument("--eps", type=float, help="eps inside the log-det")
+    p = common.Parser(prog=PROG, description="CorInfoMax self-supervised pretraining "
+                      "(arXiv:2209.07999). Preset values fill every flag left unset.")
+    groups = common.add_shared_flags(p, PRESETS)
+    g = groups["method"]
+    g.add_argument("--alpha", type=common.NONNEGATIVE, help="weight of the invariance term (code scale)")
+    g.add_argument("--la-R", dest="la_R", type=common.RATE, help="la_R: weight of the previous covariance")
+    g.add_argument("--la-mu", dest="la_mu", type=common.RATE, help="la_mu: weight of the previous mean")
+    g.add_argument("--R-ini", dest="R_ini", type=common.POSITIVE, help="initial covariance R_ini * I")
+    g.add_argument("--eps", type=common.NONNEGATIVE, help="eps inside the log-dets")
     g.add_argument("--center-with", choices=("updated", "previous"), default="updated",
                    help="centre with the updated running mean (official) or the previous one")
     g.add_argument("--no-normalize", dest="normalize", action="store_false",
                    help="do not L2-normalise the projector output")
-    g = p.add_argument_group("network")
-    g.add_argument("--arch", choices=("resnet18", "resnet50"))
-    g.add_argument("--stem", choices=("cifar", "imagenet"), help="3x3 stride-1 stem, no max-pool; or 7x7/2")
-    g.add_argument("--projector", help="hidden-...-output widths, e.g. 2048-2048-64")
-    g.add_argument("--proj-bn", dest="proj_bn", action=argparse.BooleanOptionalAction)
-    g.add_argument("--image-size", dest="image_size", type=int)
-    g.add_argument("--crop-min-scale", dest="crop_min_scale", type=float,
-                   help="smallest RandomResizedCrop area of the pretraining views (paper: 0.08)")
-    g.add_argument("--blur-sigma", dest="blur_sigma", type=float,
-                   help="largest Gaussian-blur sigma in pixels (paper: 2.0)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--max-steps", dest="max_steps", type=int, help="stop after this many steps in all")
-    g.add_argument("--batch-size", dest="batch_size", type=int, help="global batch (all processes)")
-    g.add_argument("--lr", type=float, help="base learning rate (no batch/256 scaling)")
-    g.add_argument("--min-lr", dest="min_lr", type=float)
-    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float,
-                   help="W; fractional values only make sense with --lr-per-step")
-    g.add_argument("--wd", type=float, help="weight decay")
-    g.add_argument("--momentum", type=float)
+    groups["network"].add_argument("--projector", type=common.WIDTHS, help="hidden-...-output widths")
+    groups["network"].add_argument("--proj-bn", dest="proj_bn", action=argparse.BooleanOptionalAction)
+    g = groups["optimisation"]
+    g.add_argument("--lr", type=common.POSITIVE, help="base learning rate (no batch/256 scaling)")
+    g.add_argument("--min-lr", dest="min_lr", type=common.NONNEGATIVE)
     g.add_argument("--lr-per-step", dest="lr_per_step", action=argparse.BooleanOptionalAction,
                    help="smooth per-step schedule instead of the official per-epoch one")
-    g.add_argument("--amp", choices=("bf16", "fp16", "off"), help="default: bf16 on CUDA, off on CPU")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--probe", choices=("linear", "cached", "none"),
-                   help="linear: the paper protocol; cached: fast cached-feature probe for short runs")
-    g.add_argument("--probe-epochs", dest="probe_epochs", type=int)
-    g.add_argument("--probe-lr", dest="probe_lr", type=float)
-    g.add_argument("--baseline", action=argparse.BooleanOptionalAction,
-                   help="also probe the randomly initialised backbone")
-    g.add_argument("--knn-every", dest="knn_every", type=int, help="kNN monitor every N epochs (0: off)")
-    g.add_argument("--knn-bank", dest="knn_bank", type=int, default=20000,
-                   help="at most this many training images in the kNN bank")
-    g = p.add_argument_group("run")
-    g.add_argument("--gpus", type=int, default=1, help="local processes to start (CPU: gloo processes)")
-    g.add_argument("--cpu", action="store_true", help="do not use CUDA even if present")
-    g.add_argument("--graph-loss", dest="graph_loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="on one CUDA device, replay the loss and its gradient from CUDA graphs (README, "
-                   "\"Performance\")")
-    g.add_argument("--threads", type=int, help="torch CPU threads per process")
-    g.add_argument("--output-dir", dest="output_dir", help="checkpoints, metrics.jsonl, backbone.pt")
-    g.add_argument("--log-every", dest="log_every", type=int, default=10)
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("benchmark (README, \"Performance\")")
-    g.add_argument("--benchmark", action="store_true",
-                   help="time the step, the loss and the data pipeline on random images; train nothing")
-    g.add_argument("--bench-steps", dest="bench_steps", type=int,
-                   help="timed training steps per variant, in blocks of 5 (default: 40 on CUDA, 15 on CPU)")
-    g.add_argument("--bench-sizes", dest="bench_sizes", type=common.batch_sizes,
-                   default="128,256,512,1024,2048,4096",
-                   help="global batch sizes for the loss-alone timings")
-    cfg = p.parse_args(argv)
-    return resolve(cfg)
-
-
-def resolve(cfg):
-    """Fill unset flags from the preset; return the resolved config."""
-    is_path = cfg.data not in PRESETS
-    cfg.preset = cfg.preset or ("imagenet" if is_path else cfg.data)
-    if cfg.preset not in PRESETS:
-        raise UsageError(f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
-    if is_path:
-        cfg.data_dir = cfg.data
-    for k, v in {**COMMON, **PRESETS[cfg.preset]}.items():
-        if getattr(cfg, k, None) is None:
-            setattr(cfg, k, v)
-    cfg.use_cuda = torch.cuda.is_available() and not cfg.cpu
-    cfg.amp = cfg.amp or ("bf16" if cfg.use_cuda else "off")
-    cfg.output_dir = cfg.output_dir or os.path.join("runs", f"{PROG.removesuffix('.py')}-{cfg.preset}")
-    if cfg.gpus < 1 or cfg.batch_size % cfg.gpus:
-        raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly across --gpus {cfg.gpus}")
-    if cfg.use_cuda and cfg.gpus > torch.cuda.device_count():
-        raise UsageError(f"--gpus {cfg.gpus} but only {torch.cuda.device_count()} CUDA devices")
-    return cfg
-
-
-def out_dim(cfg):
-    """D, the projector's output dimension."""
-    return int(cfg.projector.split("-")[-1])
+    return common.resolve(p.parse_args(argv), COMMON, PRESETS, PROG)
 
 
 # ============================================================================================
@@ -265,11 +130,17 @@ def out_dim(cfg):
 
 def logdet_pd(A):
     """log det A of symmetric positive-definite matrices (..., D, D), by Cholesky A = L L^T:
-    2 sum_i log L_ii. On an H100 it takes half the GPU time of torch.logdet's LU at D = 512, and
-    cholesky_ex leaves the error check to us, so the host never waits for the GPU: a matrix that
-    is not positive definite gives NaN, which the training loop reports."""
+    2 sum_i log L_ii (cheaper than torch.logdet's LU). cholesky_ex leaves the error check to us,
+    so the host never waits for the GPU: a matrix that is not positive definite gives NaN, which
+    the training loop reports."""
     L, info = torch.linalg.cholesky_ex(A)
     return torch.where(info == 0, 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1), torch.nan)
+
+
+def cov(x, mean, unbiased=False):
+    """Covariance of the rows of x about `mean`, divided by N (or N - 1), in float64."""
+    c = x.double() - mean
+    return c.T @ c / (len(x) - 1 if unbiased else len(x))
 
 
 class CorInfoMaxLoss(nn.Module):
@@ -285,50 +156,47 @@ class CorInfoMaxLoss(nn.Module):
         if center_with not in ("updated", "previous"):
             raise ValueError("center_with must be 'updated' or 'previous'")
         self.dim, self.alpha, self.la_R, self.la_mu, self.center_with = dim, alpha, la_R, la_mu, center_with
+        self.eps = eps
         eye = torch.eye(dim, dtype=torch.float64)
         # Two independent estimators, one per view; float64 because with N < D the running
         # covariance is kept positive definite only by la_R * R_prev + eps and becomes badly
-        # conditioned (spec 2.4).
+        # conditioned.
         self.register_buffer("R1", R_ini * eye)
         self.register_buffer("R2", R_ini * eye)
         self.register_buffer("mu1", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("mu2", torch.zeros(dim, dtype=torch.float64))
-        self.register_buffer("eps_I", eps * eye, persistent=False)
 
     def _branch(self, z, R, mu):
-        """One view: steps 1-4 of spec 2.2. Returns R' (with gradient) and the new mean."""
+        """One view: steps 1-4. Returns R' (with gradient) and the new mean."""
         mu_new = self.la_mu * mu + (1 - self.la_mu) * z.mean(0)          # 1. float64 by promotion
-        zc = z - (mu_new if self.center_with == "updated" else mu)        # 2. not exactly zero-mean
-        C = zc.T @ zc / z.shape[0]                                        # 3. biased: divide by N
+        C = cov(z, mu_new if self.center_with == "updated" else mu)       # 2-3. not exactly zero-mean
         R_new = self.la_R * R + (1 - self.la_R) * C                       # 4. gradient only via C
         return R_new, mu_new.detach()
 
     def forward(self, z1, z2):
-        R1, mu1 = self._branch(z1, self.R1, self.mu1)
-        R2, mu2 = self._branch(z2, self.R2, self.mu2)
-        # 6. state: detached, written in place (a CUDA-graph replay of the loss writes the same
-        # buffers again: Training, graph_loss)
-        for state, new in ((self.R1, R1), (self.R2, R2), (self.mu1, mu1), (self.mu2, mu2)):
-            state.copy_(new.detach())
-        # 5. logdet(R' + eps I) of both views in one batched factorisation (one call, not two)
-        logdet1, logdet2 = logdet_pd(torch.stack([R1, R2]) + self.eps_I).unbind()
+        R1, self.mu1 = self._branch(z1, self.R1, self.mu1)
+        R2, self.mu2 = self._branch(z2, self.R2, self.mu2)
+        self.R1, self.R2 = R1.detach(), R2.detach()                       # 6. state, no gradient
+        eps_I = self.eps * torch.eye(self.dim, dtype=R1.dtype, device=R1.device)
+        logdet1, logdet2 = logdet_pd(torch.stack([R1, R2]) + eps_I)       # 5. one batched factorisation
         cov_loss = -(logdet1 + logdet2) / self.dim                        # 5. divided once by D
         sim_loss = (z1 - z2).pow(2).mean()                                # 7. mean over N*D entries
         loss = self.alpha * sim_loss + cov_loss                           # 8. beta = 1
-        # Logs stay on the device (detached float64): reading them is a host sync, left to the caller.
-        values = torch.stack([loss.detach(), cov_loss.detach(), sim_loss.detach().double(),
-                              logdet1.detach(), logdet2.detach()])
-        return loss, dict(zip(("loss", "cov_loss", "sim_loss", "logdet1", "logdet2"), values.unbind()))
+        # Logs stay on the device: reading them is a host sync, left to the caller.
+        return loss, {"loss": loss.detach(), "cov_loss": cov_loss.detach(), "sim_loss": sim_loss.detach(),
+                      "logdet1": logdet1.detach(), "logdet2": logdet2.detach()}
 
 
 def make_criterion(cfg):
     """The training loss as configured (called once per run; the module holds the state)."""
-    return CorInfoMaxLoss(out_dim(cfg), cfg.alpha, cfg.la_R, cfg.la_mu, cfg.R_ini, cfg.eps, cfg.center_with)
+    return CorInfoMaxLoss(common.out_dim(cfg), cfg.alpha, cfg.la_R, cfg.la_mu, cfg.R_ini, cfg.eps,
+                          cfg.center_with)
 
 
-def loss_variants(cfg):
-    """The loss paths --benchmark times alone at several batch sizes (JSON key -> criterion)."""
-    return {"loss_ms": make_criterion(cfg)}
+def collapsed(logs, cfg):
+    """Collapse shows in the log-dets: every direction of both views' covariances at the floor eps."""
+    if max(logs["logdet1"], logs["logdet2"]) < common.out_dim(cfg) * math.log(2 * cfg.eps):
+        return "log-dets at D log(eps)"
 
 
 # ============================================================================================
@@ -378,100 +246,23 @@ class Model(nn.Module):
 # Augmentation
 # ============================================================================================
 # A pretraining view is made in two halves. The geometric half (RandomResizedCrop, flip) runs per
-# image in the loader's workers, with torchvision. The photometric half (colour jitter, grayscale,
-# blur, solarize, normalise) runs on the whole batch on the training device: per image it is the
-# random recipe of torchvision's v2 transforms, with torchvision's formulas, but in the workers it
-# made a GPU wait for data most of the time (README, "Performance"). It works on float images in
-# [0, 1]: torchvision on uint8 images rounds to 8 bits after every op, this code does not. The
-# solarize threshold is 128/255, i.e. 128 of 255 as in the official PIL pipelines.
+# image in the loader's workers. The photometric half (colour jitter, grayscale, blur, solarize,
+# normalise) runs on the whole batch on the training device, where it cannot starve a GPU of
+# data: every op (torchvision's formulas, common.py) is applied to every image, with the op's
+# identity parameter for the images that did not draw it. Per image it is torchvision's v2
+# recipe, on float images without the rounding to 8 bits of torchvision's uint8 ops.
+
+BICUBIC = v2.InterpolationMode.BICUBIC
+
 
 def normalize(cfg):
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(*cfg.norm)]
 
 
 def crop(size, scale):
-    """The geometric half of a pretraining view, on one image: bicubic RandomResizedCrop + flip, uint8 out."""
-    return v2.Compose([v2.ToImage(),
-                       v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
-                                            antialias=True),
+    """The geometric half of a pretraining view: bicubic RandomResizedCrop + flip, uint8 out."""
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
                        v2.RandomHorizontalFlip(p=0.5)])
-
-
-LUMA = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale weights
-
-
-def grayscale(x):
-    """Luma of a batch of RGB images (B, 3, H, W) -> (B, 1, H, W). The weights stay Python numbers:
-    a tensor made from them would be copied to the GPU at every call, and such a copy waits for it."""
-    r, g, b = x.unbind(1)
-    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b)[:, None]
-
-
-def blend(x, y, f):
-    """f x + (1 - f) y clamped to [0, 1], one factor f per image (torchvision's _blend)."""
-    f = f[:, None, None, None]
-    return (f * x + (1 - f) * y).clamp(0, 1)
-
-
-def brightness(x, f):
-    return blend(x, torch.zeros_like(x), f)
-
-
-def contrast(x, f):
-    """Blend with the image's mean luma."""
-    return blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), f)
-
-
-def saturation(x, f):
-    """Blend with the image's own luma."""
-    return blend(x, grayscale(x), f)
-
-
-def hue(x, f):
-    """Turn the HSV hue of image b by f[b] (a fraction of a full turn), keeping S and V.
-
-    h comes from the channel that holds V = max (R before G before B, as torchvision); back to
-    RGB by V - C clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6 with n = 5, 3, 1 for R, G, B and
-    the chroma C = max - min: the closed form of torchvision's six-sector table.
-    """
-    r, g, b = x.unbind(1)
-    v = x.amax(1)
-    c = v - x.amin(1)
-    c_safe = torch.where(c > 0, c, 1.0)   # grey pixels (C = 0): any h will do, they stay grey
-    h = torch.where(v == r, (g - b) / c_safe, torch.where(v == g, 2 + (b - r) / c_safe, 4 + (r - g) / c_safe))
-    h = (h / 6 + f[:, None, None]) % 1
-    k = torch.stack([(n + 6 * h) % 6 for n in (5, 3, 1)], 1)
-    return v[:, None] - c[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
-
-
-def gaussian_blur(x, sigma, taps):
-    """Blur image b with its own sigma[b]: torchvision's kernel, `taps` samples of exp(-t^2 / 2 sigma^2)
-    at t = -(taps - 1)/2 ... (taps - 1)/2 normalised to sum 1, applied along W then H (separable),
-    with reflect padding. One depthwise convolution for the whole batch."""
-    B, C, H, W = x.shape
-    t = torch.arange(taps, device=x.device, dtype=x.dtype) - (taps - 1) / 2
-    kernel = torch.softmax(-(t / sigma[:, None]) ** 2 / 2, dim=1).repeat_interleave(C, 0)   # (B C, taps)
-    y = F.pad(x.reshape(1, B * C, H, W), (taps // 2,) * 4, mode="reflect")
-    y = F.conv2d(y, kernel[:, None, None, :], groups=B * C)
-    return F.conv2d(y, kernel[:, None, :, None], groups=B * C).reshape(B, C, H, W)
-
-
-def solarize(x):
-    return torch.where(x >= 128 / 255, 1 - x, x)
-
-
-def apply_to(x, chosen, op, *per_image):
-    """x with op applied to the images in `chosen` (a CPU mask), op getting those images' rows of
-    each per-image tensor. The mask is known on the host, so the images are picked by index with
-    no device sync, and op runs only on the images that drew it."""
-    index = chosen.nonzero().squeeze(1)
-    if len(index) == 0:
-        return x
-    args = [a[index].to(x.device, non_blocking=True) for a in per_image]
-    if len(index) == len(x):
-        return op(x, *args)
-    index = index.to(x.device, non_blocking=True)
-    return x.index_copy(0, index, op(x.index_select(0, index), *args))
 
 
 class Photometric:
@@ -484,151 +275,63 @@ class Photometric:
     uint8 batch (B, 3, H, W) on any device and B images' draws returns the normalised float views.
     """
 
-    JITTER = (brightness, contrast, saturation, hue)
-    STRENGTH = (0.4, 0.4, 0.2, 0.1)   # factors uniform in [1 - s, 1 + s]; hue in [-0.1, 0.1]
-
     def __init__(self, norm, blur_p, solarize_p, taps, sigma):
-        self.mean, self.std = (torch.tensor(v)[:, None, None] for v in norm)
-        self.blur_p, self.solarize_p, self.taps, self.sigma = blur_p, solarize_p, taps, sigma
+        self.norm, self.blur_p, self.solarize_p, self.taps, self.sigma = norm, blur_p, solarize_p, taps, sigma
 
     def draw(self, n, generator):
         def uniform(lo, hi, *shape):
             return lo + (hi - lo) * torch.rand(n, *shape, generator=generator)
-        b, c, s, h = self.STRENGTH
         return {"jitter": uniform(0, 1) < 0.8,
                 "order": uniform(0, 1, 4).argsort(1),      # a uniformly random permutation per image
-                "factors": uniform(torch.tensor([1 - b, 1 - c, 1 - s, -h]),
-                                   torch.tensor([1 + b, 1 + c, 1 + s, h]), 4),
+                # brightness, contrast, saturation in [1 - s, 1 + s] for s = 0.4, 0.4, 0.2; hue in [-0.1, 0.1]
+                "factors": uniform(torch.tensor([0.6, 0.6, 0.8, -0.1]), torch.tensor([1.4, 1.4, 1.2, 0.1]), 4),
                 "gray": uniform(0, 1) < 0.2,
                 "blur": uniform(0, 1) < self.blur_p,
                 "sigma": uniform(*self.sigma),
                 "solarize": uniform(0, 1) < self.solarize_p}
 
     def __call__(self, x, p):
+        p = {k: v.to(x.device, non_blocking=True) for k, v in p.items()}
         x = x.float() / 255
-        for position in range(4):
-            for k, op in enumerate(self.JITTER):
-                x = apply_to(x, p["jitter"] & (p["order"][:, position] == k), op, p["factors"][:, k])
-        x = apply_to(x, p["gray"], lambda y: grayscale(y).expand(-1, 3, -1, -1))
-        if self.taps > 1:
-            x = apply_to(x, p["blur"], lambda y, sigma: gaussian_blur(y, sigma, self.taps), p["sigma"])
-        x = apply_to(x, p["solarize"], solarize)
-        if self.mean.device != x.device:   # copied to the device once, not at every call
-            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
-        return (x - self.mean) / self.std
+        for position in range(4):              # ColorJitter's ops in each image's own order
+            for k, (op, identity) in enumerate(zip(common.JITTER.values(), (1.0, 1.0, 1.0, 0.0))):
+                drawn = p["jitter"] & (p["order"][:, position] == k)
+                x = op(x, torch.where(drawn, p["factors"][:, k], identity))
+        x = common.JITTER["saturation"](x, (~p["gray"]).float())                       # grayscale: saturation 0
+        x = common.gaussian_blur(x, torch.where(p["blur"], p["sigma"], 1e-3), self.taps)   # 1e-3: no blur
+        return v2.functional.normalize(common.solarize(x, p["solarize"]), *self.norm)
 
 
 def pretrain_views(cfg):
-    """The asymmetric two-view recipe of spec section 5: blur 1.0/0.1, solarize 0.0/0.2.
-    Each view is a pair (geometric half for the loader, photometric half for the device)."""
+    """The asymmetric two-view recipe (BYOL's): blur 1.0 / 0.1, solarize 0.0 / 0.2. Each view is
+    a pair (geometric half for the loader, photometric half for the device)."""
     geometric = crop(cfg.image_size, (cfg.crop_min_scale, 1.0))
     return [(geometric, Photometric(cfg.norm, blur_p, solarize_p, 13, (0.1, cfg.blur_sigma)))
             for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2))]
 
 
 def probe_train_view(cfg):
-    """Linear-probe training augmentation (spec 7): RandomResizedCrop + flip."""
-    return v2.Compose([v2.ToImage(),
-                       v2.RandomResizedCrop(cfg.image_size, scale=(0.08, 1.0),
-                                            interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                       v2.RandomHorizontalFlip(p=0.5), *normalize(cfg)])
+    """Linear-probe training augmentation: RandomResizedCrop (area 0.08-1) + flip."""
+    return v2.Compose([crop(cfg.image_size, (0.08, 1.0)), *normalize(cfg)])
 
 
 def test_view(cfg):
     """Evaluation: Resize(size * 8/7, bicubic) + CenterCrop(size) (256 -> 224 on ImageNet)."""
-    return v2.Compose([v2.ToImage(),
-                       v2.Resize(int(cfg.image_size * 8 / 7), interpolation=v2.InterpolationMode.BICUBIC,
-                                 antialias=True),
+    return v2.Compose([v2.ToImage(), v2.Resize(int(cfg.image_size * 8 / 7), interpolation=BICUBIC, antialias=True),
                        v2.CenterCrop(cfg.image_size), *normalize(cfg)])
 
 
 # ============================================================================================
 # Data
 # ============================================================================================
+# Plumbing in common.py: the datasets (load_datasets), the views seeded per item (Views) and the
+# sampler that splits each global batch across processes (GlobalBatchSampler).
 
-class TensorImages(torch.utils.data.Dataset):
-    """In-memory uint8 images (N, C, H, W) with labels; grey images are repeated to 3 channels."""
-
-    def __init__(self, images, labels):
-        self.images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-        self.targets = labels
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.targets[i])
-
-
-class Views(torch.utils.data.Dataset):
-    """Applies each transform to an image; items are (index, seed) pairs from the sampler.
-
-    The seed fixes the augmentation of this item (a forked RNG, so the global one is untouched):
-    the same step gets the same views whatever the number of workers, and a resumed run
-    continues with exactly the views the uninterrupted run would have drawn.
-    """
-
-    def __init__(self, base, transforms):
-        self.base, self.transforms = base, transforms
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, item):
-        index, seed = item
-        image, label = self.base[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return [t(image) for t in self.transforms], label
-
-
-def load_datasets(cfg):
-    """(pretraining set, probe training set, test set, number of classes) for cfg.data."""
-    name = cfg.data if cfg.data in PRESETS else "folder"
-    if cfg.download and name in ("cifar10", "cifar100", "stl10"):
-        common.download(name, cfg.data_dir or "data")
-    try:
-        return read_dataset(name, cfg)
-    except UsageError as e:
-        hint = {"fashionmnist": "pass --data-dir DIR with its idx .gz files, or apt-get install "
-                                "dataset-fashion-mnist",
-                "folder": "pass --data-dir DIR holding train/ and val/ class folders"}
-        raise UsageError(f"{e}; {hint.get(name, 'pass --data-dir DIR or --download')}") from None
-
-
-def read_dataset(name, cfg):
-    if name == "synthetic":
-        train, test = (TensorImages(*common.make_synthetic(n, cfg.image_size, seed=cfg.seed + i))
-                       for i, n in enumerate((cfg.synthetic_train, cfg.synthetic_test)))
-        return train, train, test, len(common.SYNTHETIC_CLASSES)
-    if name == "fashionmnist":
-        root = cfg.data_dir or common.FASHION_MNIST_SYSTEM_DIR
-        train, test = (TensorImages(*common.read_fashion_mnist(root, t)) for t in (True, False))
-        return train, train, test, 10
-    root = cfg.data_dir or "data"
-    if name in ("cifar10", "cifar100"):
-        classes = int(name[5:])
-        train, test = (TensorImages(*common.read_cifar(root, classes, t)) for t in (True, False))
-        return train, train, test, classes
-    if name == "stl10":   # pretraining on train + unlabeled, probing on train
-        labelled, test, unlabelled = (TensorImages(*common.read_stl10(root, s))
-                                      for s in ("train", "test", "unlabeled"))
-        return torch.utils.data.ConcatDataset([labelled, unlabelled]), labelled, test, 10
-    folders = [common.need(os.path.join(root, s), f"image folder '{s}/'") for s in ("train", "val")]
-    train, test = (torchvision.datasets.ImageFolder(f) for f in folders)
-    return train, train, test, len(train.classes)
-
-
-def make_loader(dataset, batch_sampler, cfg):
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=cfg.workers,
-                                       pin_memory=cfg.use_cuda, persistent_workers=cfg.workers > 0)
-
-
-def eval_loader(base, transform, cfg, d, batch=256):
-    """This rank's contiguous shard of `base`, in order, with a fixed transform."""
-    idx = list(common.shard(len(base), d.rank, d.world))
-    batches = [[(i, 0) for i in idx[j:j + batch]] for j in range(0, len(idx), batch)]
-    return make_loader(Views(base, [transform]), batches, cfg)
+def pretrain_loader(dataset, cfg, d):
+    """(sampler of global batches, loader of this process's crops, the views' photometric halves)."""
+    sampler = common.GlobalBatchSampler(len(dataset), cfg.batch_size, d.rank, d.world, seed=cfg.seed)
+    geometric, photometric = zip(*pretrain_views(cfg))
+    return sampler, common.make_loader(common.Views(dataset, geometric), sampler, cfg), photometric
 
 
 # ============================================================================================
@@ -636,16 +339,16 @@ def eval_loader(base, transform, cfg, d, batch=256):
 # ============================================================================================
 
 def make_optimizer(model, cfg):
-    """SGD, momentum 0.9, weight decay on every parameter (one group) [choice, spec 6]."""
+    """SGD, momentum 0.9, weight decay on every parameter (one group) [choice]."""
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
 
 
 def lr_at(cfg, epoch, frac=0.0):
-    """Official schedule (spec 6): linear warm-up from 3e-3 over W epochs, then cosine to min_lr.
+    """Official schedule: linear warm-up from 3e-3 over W epochs, then cosine to min_lr.
 
-    `epoch` is 0-based (k = e - 1 in the spec). The official schedule is constant within an
-    epoch and reaches the base LR at epoch W (k = W - 1). With --lr-per-step, k also counts the
-    fraction `frac` of the epoch done and the warm-up reaches the base LR at k = W.
+    `epoch` is 0-based. The official schedule is constant within an epoch and reaches the base
+    LR at epoch W - 1 (0-based). With --lr-per-step, the fraction `frac` of the epoch done counts
+    too and the warm-up reaches the base LR at W.
     """
     k = epoch + (frac if cfg.lr_per_step else 0.0)
     W, E, base = cfg.warmup_epochs, cfg.epochs, cfg.lr
@@ -654,37 +357,9 @@ def lr_at(cfg, epoch, frac=0.0):
     return cfg.min_lr + (base - cfg.min_lr) * (1 + math.cos(math.pi * (k - W) / max(E - W, 1))) / 2
 
 
-def autocast(cfg):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, torch.float32)
-    return torch.autocast("cuda" if cfg.use_cuda else "cpu", dtype=dtype, enabled=cfg.amp != "off")
-
-
 # ============================================================================================
 # Evaluation
 # ============================================================================================
-
-@torch.no_grad()
-def extract(backbone, base, transform, cfg, d):
-    """Backbone features (eval mode) and labels of the whole of `base`, on every rank."""
-    was_training = backbone.training
-    backbone.eval()
-    feats, labels = [], []
-    for (x,), y in eval_loader(base, transform, cfg, d):
-        with autocast(cfg):
-            feats.append(backbone(to_device(x, cfg, d)).float())
-        labels.append(y.to(d.device))
-    backbone.train(was_training)
-    feats = torch.cat(feats) if feats else torch.empty(0, 0, device=d.device)
-    return (common.gather_shards(feats, len(base)),
-            common.gather_shards(torch.cat(labels) if labels else torch.empty(0, device=d.device), len(base)))
-
-
-def topk(logits, y, ks=(1, 5)):
-    """Top-k accuracies in % (k larger than the number of classes is skipped)."""
-    pred = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hit = pred == y[:, None]
-    return {f"top{k}": 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks if k < logits.shape[1]}
-
 
 def knn_accuracy(train_f, train_y, test_f, test_y, classes, k=200, T=0.1):
     """Weighted kNN monitor on cosine similarity (k = 200, temperature 0.1, InstDisc-style)."""
@@ -694,14 +369,12 @@ def knn_accuracy(train_f, train_y, test_f, test_y, classes, k=200, T=0.1):
         sim, idx = (chunk @ train_f.T).topk(min(k, len(train_f)), dim=1)
         votes = torch.zeros(len(chunk), classes, device=chunk.device)
         scores.append(votes.scatter_add_(1, train_y[idx], (sim / T).exp()))
-    return topk(torch.cat(scores), test_y)
+    return common.topk(torch.cat(scores), test_y)
 
 
 def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
-    """Fast probe for short runs: standardised cached features, linear head, SGD + cosine.
-
-    Not the paper protocol (no augmentation); identical on every rank (same seed, same data).
-    """
+    """Fast probe for short runs, not the paper protocol: standardised cached features, linear
+    head, SGD (lr 0.1, momentum 0.9, batch 256) with a cosine schedule; the same on every rank."""
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
     train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -715,82 +388,66 @@ def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
             opt.step()
         sched.step()
     with torch.no_grad():
-        return topk(head(test_f), test_y)
+        return common.topk(head(test_f), test_y)
 
 
 def linear_probe(backbone, probe_set, test_set, classes, cfg, d, log):
-    """The paper protocol (spec 7): frozen backbone in eval mode, Linear head on pooled features,
-    SGD m 0.9 wd 0, RandomResizedCrop + flip; cosine to lr/100 or x0.1 every 20 epochs (ImageNet).
-    Returns the last epoch's accuracies and the best top-1."""
+    """The paper protocol: frozen backbone in eval mode, Linear head on pooled features, batch
+    256, SGD momentum 0.9 without weight decay, RandomResizedCrop + flip; cosine to lr/100, or
+    x0.1 every 20 epochs (ImageNet). Returns the last epoch's accuracies and the best top-1."""
     backbone.eval()
-    head = nn.Linear(feature_dim(backbone, cfg, d), classes).to(d.device)
+    with torch.no_grad():
+        dim = backbone(torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=d.device)).shape[1]
+    head = nn.Linear(dim, classes).to(d.device)
     head_ddp = nn.parallel.DistributedDataParallel(head) if d.world > 1 else head
     opt = torch.optim.SGD(head.parameters(), lr=cfg.probe_lr, momentum=0.9, weight_decay=0.0)
-    if cfg.probe_schedule == "step":
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.1)
-    else:
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs, eta_min=cfg.probe_lr / 100)
-    batch = min(256, len(probe_set) // d.world * d.world)
-    sampler = common.GlobalBatchSampler(len(probe_set), batch, d.rank, d.world, seed=cfg.seed + 1)
-    loader = make_loader(Views(probe_set, [probe_train_view(cfg)]), sampler, cfg)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.1) if cfg.probe_schedule == "step" else \
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs, eta_min=cfg.probe_lr / 100)
+    sampler = common.GlobalBatchSampler(len(probe_set), min(256, len(probe_set) // d.world * d.world), d.rank,
+                                        d.world, seed=cfg.seed + 1)
+    loader = common.make_loader(common.Views(probe_set, [probe_train_view(cfg)]), sampler, cfg)
     best, acc = 0.0, {}
     for epoch in range(cfg.probe_epochs):
         sampler.set_epoch(epoch)
         for (x,), y in loader:
-            with torch.no_grad(), autocast(cfg):
-                f = backbone(to_device(x, cfg, d)).float()
-            loss = F.cross_entropy(head_ddp(f), y.to(d.device))
+            with torch.no_grad(), common.autocast(cfg):
+                f = backbone(common.to_device(x, cfg, d)).float()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            F.cross_entropy(head_ddp(f), y.to(d.device)).backward()
             opt.step()
         sched.step()
-        test_f, test_y = extract(backbone, test_set, test_view(cfg), cfg, d)
+        test_f, test_y = common.extract(backbone, test_set, test_view(cfg), cfg, d)
         with torch.no_grad():
-            acc = topk(head(test_f), test_y)
+            acc = common.topk(head(test_f), test_y)
         best = max(best, acc["top1"])
         log.print(f"  probe epoch {epoch + 1}/{cfg.probe_epochs}  top1 {acc['top1']:.2f}  best {best:.2f}")
     return {**acc, "best_top1": best}
 
 
-@torch.no_grad()
-def feature_dim(backbone, cfg, d):
-    return backbone(torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=d.device)).shape[1]
+def effective_ranks(model, data, cfg, d, n=2048):
+    """RankMe of the backbone features and of the embeddings (the loss's inputs) of the first n
+    pretraining images without augmentation: a collapse shows with or without labels."""
+    images = torch.utils.data.Subset(data[0], range(min(n, len(data[0]))))
+    return {f"rank_{name}": common.rankme(common.extract(net, images, test_view(cfg), cfg, d)[0])
+            for name, net in (("features", model.backbone), ("embedding", model))}
 
 
 def evaluate(backbone, data, cfg, d, log, kind):
-    """Probe accuracy of `backbone` with the configured protocol."""
+    """Accuracy of `backbone` by kind: "linear" (paper protocol), "cached" probe or "knn" monitor."""
     _, probe_set, test_set, classes = data
     if kind == "linear":
         return linear_probe(backbone, probe_set, test_set, classes, cfg, d, log)
-    train_f, train_y = extract(backbone, probe_set, test_view(cfg), cfg, d)
-    test_f, test_y = extract(backbone, test_set, test_view(cfg), cfg, d)
+    train_f, train_y = common.extract(backbone, probe_set, test_view(cfg), cfg, d)
+    test_f, test_y = common.extract(backbone, test_set, test_view(cfg), cfg, d)
     if kind == "knn":
-        bank = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(0))[:cfg.knn_bank]
-        return knn_accuracy(train_f[bank.to(d.device)], train_y[bank.to(d.device)], test_f, test_y, classes)
+        bank = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(0))[:cfg.knn_bank].to(d.device)
+        return knn_accuracy(train_f[bank], train_y[bank], test_f, test_y, classes)
     return cached_probe(train_f, train_y, test_f, test_y, classes, cfg)
 
 
 # ============================================================================================
 # Training
 # ============================================================================================
-
-def to_device(x, cfg, d):
-    x = x.to(d.device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if cfg.use_cuda else x
-
-
-def augment(photometric, crops, step, cfg, d):
-    """The photometric half of each view (Augmentation) for this process's uint8 crops, on the
-    device. The random choices are drawn for the whole global batch from a generator seeded by
-    (seed, step, view) and each process takes its own rows: a step's views do not depend on the
-    number of processes, and a resumed run draws what the uninterrupted one would have."""
-    views = []
-    for v, (p, x) in enumerate(zip(photometric, crops)):
-        draw = p.draw(cfg.batch_size, torch.Generator().manual_seed((cfg.seed * 2**40 + step * 2**8 + v) % 2**63))
-        rows = slice(d.rank * len(x), (d.rank + 1) * len(x))
-        views.append(to_device(p(x.to(d.device, non_blocking=True), {k: t[rows] for k, t in draw.items()}), cfg, d))
-    return views
-
 
 def build(cfg, d):
     """Model, loss, optimiser and AMP scaler, freshly initialised from cfg.seed."""
@@ -800,53 +457,10 @@ def build(cfg, d):
         model = model.to(memory_format=torch.channels_last)
         if d.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    criterion = make_criterion(cfg).to(d.device)
-    optimizer = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(enabled=cfg.amp == "fp16")
-    return model, criterion, optimizer, scaler
-
-
-def graph_loss(criterion, cfg, d):
-    """The loss as train_step calls it: the criterion itself or, with --graph-loss on one CUDA
-    device, its forward and backward replayed from CUDA graphs captured at the first call.
-
-    Why: with small images a GPU step is bound by the host's kernel launches, not by the GPU (an
-    H100 at the CIFAR preset runs a step's kernels in 19 ms while its host takes 25-33 ms to launch
-    them), so the loss's hundred small kernels add their launch time, 2.5-5 ms, to every step; a
-    replay launched behind a busy GPU, as in training, costs under 1 ms (README, "Performance"). It
-    runs the same kernels on the same numbers. Capturing needs fixed shapes, no host sync and state
-    written in place; it calls the loss a few times first, so the state is saved before and put
-    back after. Multi-process runs stay eager (a collective inside a captured loss is untested: the
-    project's device machine has one GPU).
-    """
-    if not (cfg.graph_loss and cfg.use_cuda and d.world == 1):
-        return criterion
-    graphed, keys = None, []
-
-    def flat(*z):   # make_graphed_callables wants tensors out: the logs go as one stacked tensor
-        loss, logs = criterion(*z)
-        keys[:] = logs
-        return loss, torch.stack(list(logs.values()))
-
-    def loss_fn(*z):
-        nonlocal graphed
-        if graphed is None:
-            state = {k: v.clone() for k, v in criterion.state_dict().items()}
-            samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in z)
-            # Its warm-up calls run on a side stream, which the autograd engine warns about; expected here.
-            torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
-            try:
-                graphed = torch.cuda.make_graphed_callables(flat, samples)
-            except RuntimeError as e:
-                reason = str(e).partition("\n")[0]   # CUDA errors run over several lines
-                raise UsageError(f"capturing the loss in a CUDA graph failed ({reason}); rerun with "
-                                 "--no-graph-loss") from None
-            finally:   # whether or not the capture worked: the warning and the loss's state as before
-                torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(True)
-                criterion.load_state_dict(state)
-        loss, values = graphed(*z)
-        return loss, dict(zip(keys, values.clone().unbind()))   # a copy: the next replay overwrites them
-    return loss_fn
+    if cfg.compile:   # compiles forward in place: the state dict keeps its names
+        model.compile()
+    return model, make_criterion(cfg).to(d.device), make_optimizer(model, cfg), \
+        torch.amp.GradScaler(enabled=cfg.amp == "fp16")
 
 
 def train_step(model, criterion, optimizer, scaler, views, step, cfg):
@@ -856,13 +470,11 @@ def train_step(model, criterion, optimizer, scaler, views, step, cfg):
     for group in optimizer.param_groups:
         group["lr"] = lr_at(cfg, epoch, i / cfg.steps_per_epoch)
     x1, x2 = views
-    with autocast(cfg):
+    with common.autocast(cfg):
         z1, z2 = model(x1), model(x2)
-    # The loss runs outside autocast: float32 embeddings meet the float64 state (spec 2.4).
+    # The loss runs outside autocast: float32 embeddings meet the float64 state.
     z1, z2 = common.gather_with_grad(z1.float()), common.gather_with_grad(z2.float())
-    # No finiteness check here: reading the loss would wait for the GPU every step. The training
-    # loop reads the logs every few steps and before saving (read_logs).
-    loss, logs = criterion(z1, z2)
+    loss, logs = criterion(z1, z2)   # not checked here: the loop reads the logs every few steps
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -870,126 +482,35 @@ def train_step(model, criterion, optimizer, scaler, views, step, cfg):
     return logs
 
 
-def checkpoint_state(model, criterion, optimizer, scaler, step, cfg):
-    return {"model": model.state_dict(), "criterion": criterion.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-            "rng": torch.get_rng_state(), "batch_size": cfg.batch_size, "preset": cfg.preset}
-
-
-def restore(ckpt, model, criterion, optimizer, scaler, cfg, path):
-    if (ckpt.get("batch_size"), ckpt.get("preset")) != (cfg.batch_size, cfg.preset):
-        raise UsageError(f"{path} was written with --batch-size {ckpt.get('batch_size')} and preset "
-                         f"{ckpt.get('preset')}; resume with the same or choose another --output-dir")
-    try:
-        model.load_state_dict(ckpt["model"])
-        criterion.load_state_dict(ckpt["criterion"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise UsageError(f"{path} does not match this model ({type(e).__name__}); "
-                         "choose another --output-dir") from None
-    torch.set_rng_state(ckpt["rng"])
-    return ckpt["step"]
-
-
-def setup(cfg):
-    """This process's place in the run; sets its CPU threads and, if unset, the loader workers."""
-    d = common.Dist(cfg.use_cuda)
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
-    if cfg.workers is None:   # on CPU, loader workers compete with the training threads for cores
-        cfg.workers = max(1, (os.cpu_count() or 1) // d.local_world - 1) if cfg.use_cuda else 0
-    return d
-
-
 def train(cfg):
     """Pretrain, checkpoint, export the backbone and evaluate (runs in every process)."""
-    d = setup(cfg)
-    data = load_datasets(cfg)
-    sampler = common.GlobalBatchSampler(len(data[0]), cfg.batch_size, d.rank, d.world, seed=cfg.seed)
-    geometric, photometric = zip(*pretrain_views(cfg))
-    loader = make_loader(Views(data[0], geometric), sampler, cfg)
-    steps_per_epoch = cfg.steps_per_epoch = len(sampler)   # schedules in train_step need it
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
+    d = common.setup(cfg)
+    data = common.load_datasets(cfg)
+    sampler, loader, photometric = pretrain_loader(data[0], cfg, d)
+    cfg.steps_per_epoch = len(sampler)   # the schedules in train_step need it
     model, criterion, optimizer, scaler = build(cfg, d)
-    ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
-    step = 0
-    if os.path.exists(ckpt_path):   # before anything is written: a bad checkpoint loses nothing
-        step = restore(common.load_checkpoint(ckpt_path), model, criterion, optimizer, scaler, cfg, ckpt_path)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    log = common.Logger(cfg.output_dir, d.is_main)
-    log.record(event="start", argv=sys.argv, config=config_dict(cfg), versions=common.versions(),
-               world_size=d.world, resumed_from_step=step)
-    log.print(f"{PROG}: world size {d.world}, device {d.device}, {steps_per_epoch} steps/epoch, "
-              f"{total} steps" + (f", resuming at step {step}" if step else ""))
-    log.print("config: " + json.dumps(config_dict(cfg)))
-    if cfg.preset in OUR_PRESETS:
-        log.print(f"note: preset '{cfg.preset}' is the project's own (small, untuned), not the paper's")
+    # Resume, logs, the NaN check, checkpoints, stop signals, the collapse warning: common.Run.
+    run = common.Run(cfg, d, PROG, OUR_PRESETS, dict(model=model, criterion=criterion, optimizer=optimizer,
+                                                     scaler=scaler), collapsed)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if cfg.use_cuda else None) \
         if d.world > 1 else model
-    loss_fn = graph_loss(criterion, cfg, d)   # captured at the first step, after any restore
     model.train()
-    t0, t_last, images, waited, pending = time.time(), time.time(), 0, 0.0, []
-    while step < total:
-        epoch, start = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start)
-        asked = time.time()
-        for crops, _ in loader:
-            waited += time.time() - asked   # time blocked on the loader: a data bottleneck shows here
-            views = augment(photometric, crops, step, cfg, d)
-            pending.append(train_step(ddp, loss_fn, optimizer, scaler, views, step, cfg))
-            step, images = step + 1, images + cfg.batch_size
-            if step % cfg.log_every == 0 or step == total:
-                logs = read_logs(pending, step, ckpt_path)
-                elapsed = time.time() - t_last
-                rate, data_wait = images / elapsed, waited / elapsed
-                parts = " ".join(f"{k} {v:.5g}" for k, v in logs.items())
-                log.print(f"ep {epoch + 1}/{cfg.epochs} step {step}/{total} {parts} "
-                          f"lr {optimizer.param_groups[0]['lr']:.4g} {rate:.1f} img/s data wait "
-                          f"{100 * data_wait:.0f}% ETA {format_time((total - step) * cfg.batch_size / rate)}")
-                log.record(event="train", epoch=epoch + 1, step=step, lr=optimizer.param_groups[0]["lr"],
-                           img_per_s=rate, data_wait=data_wait, **logs)
-                t_last, images, waited = time.time(), 0, 0.0
-            if step == total:
-                break
-            asked = time.time()
-        end_of_epoch = step % steps_per_epoch == 0
-        read_logs(pending, step, ckpt_path)   # never a checkpoint of the weights a NaN step left
-        if d.is_main:
-            common.atomic_save(checkpoint_state(model, criterion, optimizer, scaler, step, cfg), ckpt_path)
-        if end_of_epoch:
-            monitor(model, criterion, data, cfg, d, log, epoch + 1)
-    log.print(f"pretraining done: {step} steps in {format_time(time.time() - t0)} this session")
-    finish(model, data, cfg, d, log)
+    on_epoch = functools.partial(monitor, model, criterion, data, cfg, d, run.log)   # called with the epoch
+    for step, crops in run.steps(loader, sampler, on_epoch):
+        views = common.augment(photometric, crops, step, cfg, d)
+        run.pending.append(train_step(ddp, criterion, optimizer, scaler, views, step, cfg))
+    finish(model, data, cfg, d, run.log)
     d.close()
 
 
-def read_logs(pending, step, ckpt_path):
-    """The logs of the last step, reading those of every step since the last call (`pending`,
-    device tensors; emptied) in one host sync. Raises at the first non-finite loss: its step and
-    the ones after it have not been saved, so the last checkpoint is good."""
-    if not pending:
-        return {}
-    rows = torch.stack([torch.stack(list(logs.values())) for logs in pending]).tolist()
-    for k, row in enumerate(rows):
-        loss = dict(zip(pending[k], row))["loss"]
-        if not math.isfinite(loss):
-            raise common.NonFiniteLoss(f"loss is {loss} at step {step - len(rows) + k + 1}; the last "
-                                       f"good checkpoint {ckpt_path} is kept (try a lower --lr)")
-    logs = dict(zip(pending[-1], rows[-1]))
-    pending.clear()
-    return logs
-
-
 def monitor(model, criterion, data, cfg, d, log, epoch):
-    """Per-epoch diagnostics: spectrum of R1 (as the official code logs) and the kNN monitor."""
+    """Per-epoch diagnostics: effective ranks, the spectrum of R1 (as the official code logs), kNN."""
+    rec = effective_ranks(model, data, cfg, d)
     eig = torch.linalg.eigvalsh(criterion.R1)
-    rec = {"epoch": epoch, "R1_eig_min": eig[0].item(), "R1_eig_max": eig[-1].item()}
+    rec.update(R1_eig_min=eig[0].item(), R1_eig_max=eig[-1].item())
     if cfg.knn_every and epoch % cfg.knn_every == 0:
         rec.update({f"knn_{k}": v for k, v in evaluate(model.backbone, data, cfg, d, log, "knn").items()})
-    log.print(f"  epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "epoch"))
-    log.record(event="epoch", **rec)
+    return common.log_epoch(log, epoch, rec)
 
 
 def finish(model, data, cfg, d, log):
@@ -998,172 +519,11 @@ def finish(model, data, cfg, d, log):
         common.atomic_save(model.backbone.state_dict(), os.path.join(cfg.output_dir, "backbone.pt"))
     if cfg.probe == "none":
         return
-    label = {"linear": "linear probe (paper protocol)",
-             "cached": "cached-feature probe (fast, no aug)"}[cfg.probe]
     results = {"trained": evaluate(model.backbone, data, cfg, d, log, cfg.probe)}
     if cfg.baseline:   # what the probe reaches without pretraining: random weights, raw pixels
-        random_model, *_ = build(cfg, d)
-        results["random_init"] = evaluate(random_model.backbone, data, cfg, d, log, cfg.probe)
+        results["random_init"] = evaluate(build(cfg, d)[0].backbone, data, cfg, d, log, cfg.probe)
         results["raw_pixels"] = evaluate(nn.Flatten(), data, cfg, d, log, cfg.probe)
-    for name, acc in results.items():
-        log.print(f"{label}, {name} backbone: " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
-    log.record(event="probe", protocol=cfg.probe, **results)
-
-
-def config_dict(cfg):
-    return {k: v for k, v in sorted(vars(cfg).items()) if isinstance(v, (int, float, str, bool, list, tuple))
-            or v is None}
-
-
-def format_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-# ---- --benchmark: what a step costs beyond the bare network (README, "Performance") ----------
-# The same training step timed with the method's loss and with a trivial one, the loss alone at
-# several global batch sizes, and the data pipeline. Random images of the preset's size stand in
-# for the dataset (the augmentations' cost does not depend on what the pixels show); nothing is
-# written to disk.
-
-class TrivialLoss(nn.Module):
-    """The bare network's loss: the mean of every embedding it is given. It keeps its inputs'
-    shapes for the loss-alone timings."""
-
-    def forward(self, *z):
-        self.inputs = [(t.shape, t.requires_grad) for t in z]
-        loss = sum(t.mean() for t in z)
-        return loss, {"loss": loss.detach().double()}
-
-
-def benchmark(cfg):
-    """--benchmark: print a table of the figures, then the same figures as one JSON line."""
-    if cfg.gpus != 1:
-        raise UsageError("--benchmark times one process; leave --gpus at 1")
-    d = setup(cfg)
-    # Enough batches for a short run several times longer than the loader's prefetch queue (two
-    # batches per worker), so that its data-wait share is not that of a queue filled at the start.
-    # A GPU step takes milliseconds and the speed of the host that launches it drifts: more blocks
-    # steady the median. On a CPU a step takes seconds.
-    cfg.bench_steps = cfg.bench_steps or (40 if cfg.use_cuda else 15)
-    n = cfg.batch_size * (cfg.bench_steps + 3 + 6 * cfg.workers)
-    pixels = torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(cfg.seed))
-    geometric, photometric = zip(*pretrain_views(cfg))
-    images = Views(TensorImages(pixels, torch.zeros(n, dtype=torch.long)), geometric)
-    sampler = common.GlobalBatchSampler(n, cfg.batch_size, seed=cfg.seed)
-    cfg.steps_per_epoch = len(sampler)
-    model, criterion, optimizer, scaler = build(cfg, d)
-    model.train()
-    res = {"method": PROG.removesuffix(".py"), "preset": cfg.preset,
-           "device": common.device_name(d.device), "threads": torch.get_num_threads(), "amp": cfg.amp,
-           "batch_size": cfg.batch_size}
-    crops, res["augment_img_per_s_per_worker"] = augment_one_batch(images, cfg)
-    ms = [common.timed(lambda: augment(photometric, crops, 0, cfg, d), d.device) for _ in range(4)]
-    res["device_augment_ms"] = 1000 * statistics.median(ms[1:])
-    views = augment(photometric, crops, 0, cfg, d)
-    trivial, loss_fn = TrivialLoss(), graph_loss(criterion, cfg, d)   # the loss as training runs it
-    res["graph_loss"] = loss_fn is not criterion
-    res.update(step_times(model, {"": loss_fn, "trivial_": trivial}, optimizer, scaler, views, cfg, d))
-    res["step_overhead"] = res["step_ms"] / res["trivial_step_ms"]
-    for key, variant in loss_variants(cfg).items():
-        res[key] = loss_times(variant.to(d.device), trivial.inputs, cfg, d)
-    loader = make_loader(images, sampler, cfg)
-    res["workers"] = cfg.workers
-    res["data_wait"] = measure_data_wait(model, loss_fn, optimizer, scaler, loader, photometric, cfg, d)
-    print_benchmark(res)
-    print(json.dumps(res), flush=True)
-
-
-def augment_one_batch(images, cfg):
-    """One batch of crops (the geometric halves) made as one loader worker makes them (one
-    thread); and its images/s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    batch = torch.utils.data.default_collate([images[(i, i)] for i in range(cfg.batch_size)])
-    rate = cfg.batch_size / (time.perf_counter() - start)
-    torch.set_num_threads(threads)
-    return batch[0], rate
-
-
-def step_times(model, losses, optimizer, scaler, views, cfg, d, block=5):
-    """ms per train_step with each loss of `losses` ({key prefix: loss}), and on CUDA the peak
-    memory. Steps run back to back in blocks of `block`, as the training loop runs them: no host
-    sync between steps, so the host queues the next step's kernels while the GPU runs this one's
-    (timing each step alone would add the host's launch time to every step, which training never
-    waits for). The losses take turns block by block, so that a drift of the machine's speed
-    touches them alike. The median block over --bench-steps steps of each counts, after two
-    warm-up steps of each (allocator, cuDNN's algorithm search)."""
-    def run(loss_fn, first, n):
-        for step in range(first, first + n):
-            train_step(model, loss_fn, optimizer, scaler, views, step, cfg)
-    cuda = d.device.type == "cuda"
-    for loss_fn in losses.values():
-        run(loss_fn, 0, 2)
-    block = min(block, cfg.bench_steps)
-    times, peak = {name: [] for name in losses}, dict.fromkeys(losses, 0)
-    for first in range(2, 2 + cfg.bench_steps, block):
-        for name, loss_fn in losses.items():
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(d.device)
-            times[name].append(common.timed(lambda: run(loss_fn, first, block), d.device) / block)
-            if cuda:
-                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(d.device))
-    res = {}
-    for name, t in times.items():
-        ms = 1000 * statistics.median(t)
-        res.update({name + "step_ms": ms, name + "img_per_s": cfg.batch_size / ms * 1000})
-        if cuda:
-            res[name + "peak_gib"] = peak[name] / 2**30
-    return res
-
-
-def loss_times(loss_fn, inputs, cfg, d):
-    """Forward + backward of the loss alone, {global batch N: median ms of 5 calls after one
-    warm-up}, on random unit embeddings shaped like a step's with N rows. Stops growing N once a
-    call takes over a second (the exact kernel paths are quadratic)."""
-    res = {}
-    for n in cfg.bench_sizes:
-        z = [F.normalize(torch.randn(*shape[:-2], n, shape[-1], device=d.device), dim=-1)
-             .requires_grad_(grad) for shape, grad in inputs]
-        ms = 1000 * statistics.median([common.timed(lambda: loss_fn(*z)[0].backward(), d.device)
-                                       for _ in range(6)][1:])
-        res[n] = round(ms, 3)
-        if ms > 1000:
-            break
-    return res
-
-
-def measure_data_wait(model, loss_fn, optimizer, scaler, loader, photometric, cfg, d):
-    """Share of wall time a short run (the loader with its workers, augment, train_step) spends
-    blocked on the loader, from the second batch on (the first includes starting the workers)."""
-    waited, asked = 0.0, time.perf_counter()
-    for step, (crops, _) in enumerate(loader):
-        if step == 1:
-            waited, start = 0.0, asked
-        waited += time.perf_counter() - asked
-        train_step(model, loss_fn, optimizer, scaler, augment(photometric, crops, step, cfg, d), step, cfg)
-        asked = time.perf_counter()
-    if d.device.type == "cuda":
-        torch.cuda.synchronize(d.device)   # the clock stops when the queued steps are done
-    return waited / (time.perf_counter() - start)
-
-
-def print_benchmark(res):
-    print(f"{PROG} --benchmark: preset {res['preset']}, batch {res['batch_size']}, {res['device']}, "
-          f"{res['threads']} threads, amp {res['amp']}")
-    for name, label in (("", "this loss"), ("trivial_", "trivial loss")):
-        mem = f"  peak {res[name + 'peak_gib']:.2f} GiB" if name + "peak_gib" in res else ""
-        print(f"  training step, {label:12s} {res[name + 'step_ms']:10.1f} ms "
-              f"{res[name + 'img_per_s']:9.1f} img/s{mem}")
-    print(f"  step overhead (this / trivial) {res['step_overhead']:8.3f}")
-    for key in (k for k in res if k.startswith("loss_ms")):
-        print(f"  {key} (loss alone, fwd + bwd, by global batch): "
-              + "  ".join(f"{n}: {ms:.1f}" for n, ms in res[key].items()))
-    print(f"  augmentation: crops {res['augment_img_per_s_per_worker']:.0f} images/s per worker (all views "
-          f"of an image), photometric half {res['device_augment_ms']:.1f} ms per batch on the device; "
-          f"waiting for data: {100 * res['data_wait']:.1f}% of a short run ({res['workers']} workers)")
+    common.report_probes(log, cfg.probe, results)
 
 
 # ============================================================================================
@@ -1171,11 +531,7 @@ def print_benchmark(res):
 # ============================================================================================
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    if cfg.benchmark:
-        benchmark(cfg)
-    else:
-        common.launch(train, cfg, cfg.gpus, PROG)
+    common.launch(train, parse_args(argv), PROG)
 
 
 if __name__ == "__main__":

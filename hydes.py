@@ -2,91 +2,47 @@
 
 Paper    E. Rodriguez-Betancourt, E. Casasola-Murillo. "Self-Supervised Representation Learning via
          Hyperspherical Density Shaping", arXiv:2604.24498v1 (April 2026, preprint).
-Official no code published. The authors' withdrawn predecessor (ICLR 2026 submission "Learning
-         Coarse-Grained Representations: An Exploration of Mutual Information via Hyperspherical
-         Density", OpenReview uq6nIOoPGG) had code as supplementary material, not available to us.
-Spec     ../shared/specs/hydes.md (our reading of what was available).
+Official none published. Only the title, abstract, introduction and Figure 1 could be read:
+         docs/hydes.md derives the loss from Figure 1 and gives the reasons for every choice below.
 
-WHAT WAS AVAILABLE, AND WHAT THAT MEANS FOR THIS FILE
-    The paper's body (equations, tables, hyperparameters, training recipe) was NOT available: only
-    its title, abstract, first introduction paragraphs and Figure 1 with half its caption. So:
-    READ     (abstract, Figure 1) several augmented views through one shared encoder and projector
-             onto the sphere S^(D-1); two von Mises-Fisher kernel-density entropies: a local one
-             over the other views of the same image (minimised, weight -beta) and a global one
-             over the batch (maximised, weight alpha); their weighted difference is I(Z1; Z2).
-             (predecessor's abstract and reviews) alpha = beta = 1 by default, kappa a fixed
-             bandwidth, "algebraically similar to InfoNCE".
-    DERIVED  the exact estimators in log-sum-exp form, the vMF normaliser log C_D(kappa) (a
-             float64 Bessel series), the identity with NT-Xent, the MI cap, the collapse value
-             and the gradient (spec sections 3-4; each has a test).
-    CHOSEN   everything else, each one flag away (spec section 9):
-             1. the global density includes the self pair j = i, the literal reading of Figure 1
-                (`--global-self exclude`: leave-one-out; with V = 2 that is exactly NT-Xent);
-             2. the local density never includes the self pair (it would be almost gradient-free);
-             3. the positives stay in the global density (`--global-positives exclude`);
-             4. one pooled global density over all M = V N embeddings of the batch;
-             5. L = beta H_local - alpha H_global, alpha = beta = 1 (`--alpha`, `--beta`);
-             6. the constant (alpha - beta) log C_D(kappa) dropped from the loss, logged only;
-             7. kappa fixed at 10 (`--kappa`);
-             8. V = 2 global views (`--views V`), optional smaller local crops (`--local-crops K`);
-             9. ResNet-18 for small images, ResNet-50 on ImageNet, projector 2048-2048-256 with
-                BatchNorm (`--arch`, `--projector`);
-            10. SimCLR-style optimisation (SGD + weight decay on CIFAR-size data, LARS on ImageNet;
-                0.3 x B/256, 10 warm-up epochs, cosine to 0), BYOL/DINO augmentations;
-            11. the global batch via gather with gradient: rows are this process's anchors,
-                columns the gathered batch (section "Loss");
-            12. the mean over anchors of per-anchor logs (Figure 1's E_B[-log(.)]);
-            13. the CPU presets `synthetic` and `fashionmnist`: base LR 1.2 (x B/256), smaller
-                projectors, no blur; the 16-pixel demo also `--crop-min-scale 0.3`;
-            14. as in the other method files (corinfomax.py's header): GlobalBatchSampler data
-                order and exact mid-epoch resume, the kNN monitor at k = 200, T = 0.1 (spec 7
-                also names DINO's k = 20, T = 0.07), the cached-feature probe for short runs,
-                the photometric augmentation batched on the training device.
-             All of it is untuned; no HyDeS number has been published that we could read.
+THE IDEA
+    Several augmented views of each image go through one encoder onto the unit sphere S^(D-1).
+    Two von Mises-Fisher kernel-density estimates are made there: a local density over the other
+    views of the same image, and a global density over the whole batch. Their entropies shape the
+    embedding: the local entropy is minimised (views of one image cluster), the global entropy is
+    maximised (the batch spreads over the sphere). Their weighted difference estimates the mutual
+    information between views. With two views and the self pair left out, it is NT-Xent.
 
-EQUATION MAP ([derived] from Figure 1 unless marked; s_ij = z_i . z_j)
-    vMF kernel        K(z, z') = C_D(kappa) exp(kappa z.z'), C_D = kappa^(D/2-1) / ((2 pi)^(D/2) I_(D/2-1)(kappa))
-    local density     p_loc(z_i)  = mean_{j in P(i)} K(z_i, z_j), P(i) = other views of i's image
-    global density    p_glob(z_i) = mean_{j in A(i)} K(z_i, z_j), A(i) = the batch (with i: --global-self)
+EQUATION MAP ([derived] from Figure 1; s_ij = z_i . z_j, kappa fixed)
+    vMF kernel        K(z, z') = C_D(kappa) exp(kappa z.z')                          log_vmf_normaliser
+    local density     p_loc(z_i) = mean over P(i) of K(z_i, z_j), P(i) = other views of i's image
+    global density    p_glob(z_i) = mean over A(i) of K(z_i, z_j), A(i) = the batch (with i)
     entropies         H_local = mean_i -log p_loc(z_i),  H_global = mean_i -log p_glob(z_i)
     MI estimate       I = alpha H_global - beta H_local  (Figure 1's Sigma node)
     loss              L = mean_i [alpha LSE_A(kappa s_ij) - beta LSE_P(kappa s_ij)]
-                          + beta log|P(i)| - alpha log|A(i)|   (= -I without (alpha-beta) log C_D)   hydes_loss
-    normaliser        log C_D(kappa) by a float64 power series of I_nu                 log_vmf_normaliser
+                          + beta log|P(i)| - alpha log|A(i)|  = -I + (beta - alpha) log C_D   hydes_loss
     NT-Xent identity  V = 2, alpha = beta = 1, leave-one-out: L = NT-Xent(tau = 1/kappa) - log(M - 1)
-    MI cap            I <= log(|A(i)| / (V - 1)) for alpha = beta = 1
+
+OUR CHOICES (every one, untuned; each is one flag away)
+    1. The global density includes the self pair j = i, Figure 1's literal reading, and the other
+       views of the image (`--global-self`, `--global-positives`); the local one never includes i.
+    2. One pooled global density over all V N embeddings; the mean over anchors of per-anchor
+       logs; alpha = beta = 1 (`--alpha`, `--beta`); a fixed kappa = 10 (`--kappa`).
+    3. V = 2 global views (`--views`), optional small local crops (`--local-crops`).
+    4. SimCLR-style networks and optimisation (projector 2048-2048-256 with BatchNorm; SGD, LARS
+       on ImageNet; 0.3 x B/256, 10 warm-up epochs, cosine to 0), BYOL's two-view augmentations;
+       the rest as in corinfomax.py (its items 4-7).
 
 USAGE
-    python hydes.py                                    # CPU demo on synthetic patterns, a few minutes
-    python hydes.py --data fashionmnist --epochs 20    # Debian's dataset-fashion-mnist, or --data-dir
+    python hydes.py                                    # CPU demo on synthetic patterns
     python hydes.py --data cifar10 --data-dir data     # 1 GPU, our CIFAR-10 recipe
-    python hydes.py --global-self exclude              # leave-one-out global density (NT-Xent at V = 2)
-    python hydes.py --views 4 --local-crops 2          # more global views, two local crops
+    python hydes.py --global-self exclude --views 4    # leave-one-out global density, 4 views
     python hydes.py --data imagenet --data-dir /ds/imagenet --gpus 8
-    python hydes.py --benchmark --data cifar10         # step overhead, loss cost, data pipeline
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        hydes.py --data imagenet --data-dir /ds/imagenet     # two nodes
-    Every run resumes automatically from --output-dir. `--help` lists every flag.
-
-RESULTS (linear top-1 %; no HyDeS number has been published that we could read; none run on a GPU)
-    CIFAR-10 / CIFAR-100 / STL-10 / ImageNet-1k: not run.
-    Short CPU runs, cached-feature probe top-1 %, trained vs the same ResNet-18 at random init
-    (2-core CPU; commands and budgets in README.md, "Results"; Fashion-MNIST at commit 6ad9f53,
-    before the photometric augmentation moved to the device):
-    synthetic demo (240 steps)                     53.1  vs 30.5
-    Fashion-MNIST (250 steps, 28 px), self pair    86.31 vs 74.64
-    Fashion-MNIST, --global-self exclude           87.27 vs 74.64
-    One H100, bf16, Fashion-MNIST, 2 epochs of batch 256 (README.md, "Results"): trained 88.32,
-    random init 74.54, raw pixels 82.16. Step overhead and throughput: README.md, "Performance".
+    python tools/benchmark.py hydes --data cifar10     # step overhead, loss cost, data pipeline
 """
-import argparse
 import functools
-import json
 import math
 import os
-import statistics
-import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -96,14 +52,13 @@ import torchvision
 from torchvision.transforms import v2
 
 import common
-from common import UsageError
 
 PROG = "hydes.py"
 
 # ============================================================================================
 # Config
 # ============================================================================================
-# One preset per dataset (spec sections 5-7, all our choices, untuned). Every value can be
+# One preset per dataset, all ours (no HyDeS recipe was available), untuned. Every value can be
 # overridden by the flag of the same name; flags are named after the paper's symbols.
 
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -128,108 +83,32 @@ PRESETS = {
                       projector="512-512-64", probe="cached", knn_every=0, baseline=True,
                       synthetic_train=3840, synthetic_test=1000, norm=((0.5,) * 3, (0.25,) * 3)),
 }
-OUR_PRESETS = tuple(PRESETS)     # no HyDeS recipe was available: every preset is ours
+OUR_PRESETS = tuple(PRESETS)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog=PROG, description="HyDeS self-supervised pretraining "
-                                "(arXiv:2604.24498). Preset values fill every flag left unset.")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="synthetic",
-                   help=f"preset name ({', '.join(PRESETS)}) or a folder with train/ and val/")
-    g.add_argument("--data-dir", help="where the dataset lives (default: ./data; Fashion-MNIST: "
-                   f"{common.FASHION_MNIST_SYSTEM_DIR})")
-    g.add_argument("--preset", help="preset for a folder given as --data (default: imagenet)")
-    g.add_argument("--download", action="store_true", help="download CIFAR/STL with torchvision first")
-    g.add_argument("--workers", type=int, help="data-loader workers per process (default: the CPU cores "
-                   "per process less one on CUDA, 0 on CPU)")
-    g.add_argument("--synthetic-train", dest="synthetic_train", type=int, help="synthetic: training images")
-    g.add_argument("--synthetic-test", dest="synthetic_test", type=int, help="synthetic: test images")
-    g = p.add_argument_group("method (paper symbols)")
-    g.add_argument("--kappa", type=float, help="vMF concentration (bandwidth), fixed; kappa = 1/tau")
-    g.add_argument("--alpha", type=float, help="weight of the global entropy H_global")
-    g.add_argument("--beta", type=float, help="weight of the local entropy H_local")
+    p = common.Parser(prog=PROG, description="HyDeS self-supervised pretraining "
+                      "(arXiv:2604.24498). Preset values fill every flag left unset.")
+    groups = common.add_shared_flags(p, PRESETS)
+    g = groups["method"]
+    g.add_argument("--kappa", type=common.POSITIVE, help="vMF concentration (bandwidth), fixed; kappa = 1/tau")
+    g.add_argument("--alpha", type=common.REAL, help="weight of the global entropy H_global")
+    g.add_argument("--beta", type=common.REAL, help="weight of the local entropy H_local")
     g.add_argument("--global-self", dest="global_self", choices=("include", "exclude"), default="include",
                    help="the self pair j = i in the global density (exclude: leave-one-out)")
     g.add_argument("--global-positives", dest="global_positives", choices=("include", "exclude"),
                    default="include", help="the other views of the anchor's image in the global density")
-    g.add_argument("--views", type=int, help="V, global views per image (>= 2)")
-    g.add_argument("--local-crops", dest="local_crops", type=int, help="extra small crops per image")
-    g.add_argument("--local-size", dest="local_size", type=int,
+    g.add_argument("--views", type=common.checked(int, lambda v: v >= 2, "an integer >= 2"),
+                   help="V, global views per image")
+    g.add_argument("--local-crops", dest="local_crops", type=common.COUNT, help="extra small crops per image")
+    g.add_argument("--local-size", dest="local_size", type=common.IMAGE_SIZE,
                    help="local crop size (default: 96 for 224-pixel presets, else half the image size)")
-    g = p.add_argument_group("network")
-    g.add_argument("--arch", choices=("resnet18", "resnet50"))
-    g.add_argument("--stem", choices=("cifar", "imagenet"), help="3x3 stride-1 stem, no max-pool; or 7x7/2")
-    g.add_argument("--projector", help="hidden-...-output widths, e.g. 2048-2048-256 (output: D)")
-    g.add_argument("--image-size", dest="image_size", type=int)
-    g.add_argument("--crop-min-scale", dest="crop_min_scale", type=float,
-                   help="smallest RandomResizedCrop area of the global views")
-    g.add_argument("--blur-sigma", dest="blur_sigma", type=float,
-                   help="largest Gaussian-blur sigma in pixels (0: no blur, the small-image presets)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--max-steps", dest="max_steps", type=int, help="stop after this many steps in all")
-    g.add_argument("--batch-size", dest="batch_size", type=int, help="global batch of images (all processes)")
+    groups["network"].add_argument("--projector", type=common.WIDTHS, help="hidden-...-output widths")
+    g = groups["optimisation"]
     g.add_argument("--optimizer", choices=("sgd", "lars"))
-    g.add_argument("--lr", type=float, help="base learning rate, multiplied by batch/256")
-    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, help="linear warm-up from 0")
-    g.add_argument("--wd", type=float, help="weight decay (not on biases and BatchNorm)")
-    g.add_argument("--eta", type=float, help="LARS trust coefficient")
-    g.add_argument("--momentum", type=float)
-    g.add_argument("--amp", choices=("bf16", "fp16", "off"), help="default: bf16 on CUDA, off on CPU")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--probe", choices=("linear", "cached", "none"),
-                   help="linear: frozen-backbone linear probe; cached: fast cached-feature probe")
-    g.add_argument("--probe-epochs", dest="probe_epochs", type=int)
-    g.add_argument("--probe-lr", dest="probe_lr", type=float)
-    g.add_argument("--baseline", action=argparse.BooleanOptionalAction,
-                   help="also probe the randomly initialised backbone")
-    g.add_argument("--knn-every", dest="knn_every", type=int, help="kNN monitor every N epochs (0: off)")
-    g.add_argument("--knn-bank", dest="knn_bank", type=int, default=20000,
-                   help="at most this many training images in the kNN bank")
-    g = p.add_argument_group("run")
-    g.add_argument("--gpus", type=int, default=1, help="local processes to start (CPU: gloo processes)")
-    g.add_argument("--cpu", action="store_true", help="do not use CUDA even if present")
-    g.add_argument("--graph-loss", dest="graph_loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="on one CUDA device, replay the loss and its gradient from CUDA graphs (README, "
-                   "\"Performance\")")
-    g.add_argument("--threads", type=int, help="torch CPU threads per process")
-    g.add_argument("--output-dir", dest="output_dir", help="checkpoints, metrics.jsonl, backbone.pt")
-    g.add_argument("--log-every", dest="log_every", type=int, default=10)
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("benchmark (README, \"Performance\")")
-    g.add_argument("--benchmark", action="store_true",
-                   help="time the step, the loss and the data pipeline on random images; train nothing")
-    g.add_argument("--bench-steps", dest="bench_steps", type=int,
-                   help="timed training steps per variant, in blocks of 5 (default: 40 on CUDA, 15 on CPU)")
-    g.add_argument("--bench-sizes", dest="bench_sizes", type=common.batch_sizes,
-                   default="128,256,512,1024,2048,4096",
-                   help="global batch sizes for the loss-alone timings")
-    cfg = p.parse_args(argv)
-    return resolve(cfg)
-
-
-def resolve(cfg):
-    """Fill unset flags from the preset; return the resolved config."""
-    is_path = cfg.data not in PRESETS
-    cfg.preset = cfg.preset or ("imagenet" if is_path else cfg.data)
-    if cfg.preset not in PRESETS:
-        raise UsageError(f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}")
-    if is_path:
-        cfg.data_dir = cfg.data
-    for k, v in {**COMMON, **PRESETS[cfg.preset]}.items():
-        if getattr(cfg, k, None) is None:
-            setattr(cfg, k, v)
-    cfg.use_cuda = torch.cuda.is_available() and not cfg.cpu
-    cfg.amp = cfg.amp or ("bf16" if cfg.use_cuda else "off")
-    cfg.output_dir = cfg.output_dir or os.path.join("runs", f"{PROG.removesuffix('.py')}-{cfg.preset}")
-    if cfg.gpus < 1 or cfg.batch_size % cfg.gpus:
-        raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly across --gpus {cfg.gpus}")
-    if cfg.use_cuda and cfg.gpus > torch.cuda.device_count():
-        raise UsageError(f"--gpus {cfg.gpus} but only {torch.cuda.device_count()} CUDA devices")
-    if cfg.views < 2 or cfg.local_crops < 0 or not cfg.kappa > 0:
-        raise UsageError(f"need --views >= 2 (got {cfg.views}), --local-crops >= 0 (got {cfg.local_crops}) "
-                         f"and --kappa > 0 (got {cfg.kappa})")
+    g.add_argument("--lr", type=common.POSITIVE, help="base learning rate, multiplied by batch/256")
+    g.add_argument("--eta", type=common.POSITIVE, help="LARS trust coefficient")
+    cfg = common.resolve(p.parse_args(argv), COMMON, PRESETS, PROG)
     cfg.local_size = cfg.local_size or (96 if cfg.image_size >= 224 else cfg.image_size // 2)
     return cfg
 
@@ -239,17 +118,13 @@ def resolve(cfg):
 # ============================================================================================
 # Self-contained: needs only torch (and math). `hydes_loss` is a pure function of the embeddings.
 # In a multi-GPU run, pass the gathered views (all_gather with gradient) and this process's
-# images as `anchors`: rows are the local anchors, columns the whole global batch (spec 3.5).
+# images as `anchors`: rows are the local anchors, columns the whole global batch.
 
 @functools.lru_cache   # a constant of the run: computed once, not at every step
 def log_vmf_normaliser(D, kappa):
-    """log C_D(kappa) of the vMF density on S^(D-1), in float64 (spec 3.4).
-
-    C_D = kappa^nu / ((2 pi)^(D/2) I_nu(kappa)), nu = D/2 - 1, with
-    log I_nu(kappa) = nu log(kappa/2) - lgamma(nu + 1) + log sum_m (kappa^2/4)^m / (m! (nu + 1)_m):
-    the power series summed in log space stays finite for large D, where I_nu underflows.
-    The terms peak near m = kappa/2 and then shrink faster than geometrically.
-    """
+    """log C_D(kappa) of the vMF density on S^(D-1), C_D = kappa^nu / ((2 pi)^(D/2) I_nu(kappa)),
+    nu = D/2 - 1, in float64, with log I_nu(kappa) = nu log(kappa/2) - lgamma(nu + 1)
+    + log sum_m (kappa^2/4)^m / (m! (nu + 1)_m): summed in log space, finite where I_nu underflows."""
     nu = torch.tensor(D / 2 - 1, dtype=torch.float64)
     k = torch.tensor(float(kappa), dtype=torch.float64)
     m = torch.arange(int(2 * kappa) + 400, dtype=torch.float64)
@@ -259,14 +134,13 @@ def log_vmf_normaliser(D, kappa):
 
 
 def hydes_loss(z, kappa=10.0, alpha=1.0, beta=1.0, global_self=True, global_positives=True, anchors=None):
-    """HyDeS loss L = beta H_local - alpha H_global (spec 3.3) in log-sum-exp form.
+    """HyDeS loss L = beta H_local - alpha H_global in log-sum-exp form, without the constant
+    (alpha - beta) log C_D(kappa): -I exactly when alpha = beta.
 
     z: (V, N, D), view v of image n is z[v, n], L2-normalised rows; V >= 2. anchors: a slice of
     images whose views are the anchors (default: all); the loss is the mean over those anchors.
-    Returns (loss, logs). The loss keeps the log-count terms and drops the constant
-    (alpha - beta) log C_D(kappa), so it equals -I exactly when alpha = beta. logs (detached):
-    "loss", "h_local", "h_global", "mi" with C_D included, and "w_self", the mean softmax weight
-    of the self pair in the global density (0 when it is excluded).
+    Returns (loss, logs): "h_local", "h_global", "mi" with C_D included, and "w_self", the mean
+    softmax weight of the self pair in the global density (0 when it is excluded), detached.
     """
     V, N, D = z.shape
     if V < 2:
@@ -278,8 +152,7 @@ def hydes_loss(z, kappa=10.0, alpha=1.0, beta=1.0, global_self=True, global_posi
     row_image = images.repeat(V)
     col_image = torch.arange(N, device=z.device).repeat(V)
     self_col = (torch.arange(V, device=z.device)[:, None] * N + images[None, :]).reshape(-1)
-    # Masks come from comparing index vectors: a scatter into a mask or a boolean-mask read would
-    # make the host wait for the GPU (a sync every step).
+    # Masks from comparing index vectors (a boolean-mask read would make the host wait for the GPU)
     is_self = torch.arange(V * N, device=z.device)[None, :] == self_col[:, None]
     same = row_image[:, None] == col_image[None, :]
     local_mask = same & ~is_self                           # P(i): the other views of the image
@@ -288,7 +161,7 @@ def hydes_loss(z, kappa=10.0, alpha=1.0, beta=1.0, global_self=True, global_posi
     lse_local = logits.masked_fill(~local_mask, -math.inf).logsumexp(1)
     lse_global = logits.masked_fill(~global_mask, -math.inf).logsumexp(1)
     n_local, n_global = (m.sum(1).to(logits.dtype) for m in (local_mask, global_mask))  # |P(i)|, |A(i)|
-    # -log p(z_i) = -log C_D + log|S(i)| - LSE_S(i)(kappa s_ij), S = P or A (spec 3.3)
+    # -log p(z_i) = -log C_D + log|S(i)| - LSE_S(i)(kappa s_ij), S = P or A
     neglog_local = n_local.log() - lse_local
     neglog_global = n_global.log() - lse_global
     loss = (beta * neglog_local - alpha * neglog_global).mean()
@@ -301,12 +174,9 @@ def hydes_loss(z, kappa=10.0, alpha=1.0, beta=1.0, global_self=True, global_posi
 
 
 class HyDeSLoss(nn.Module):
-    """The training loss: `hydes_loss` on the gathered views with this process's images as anchors.
-
-    forward(z) takes (V, N, D) gathered in rank order and returns (loss over the local anchors,
-    logs averaged over processes). The processes' losses average to the global-batch loss, and so
-    do their gradients after DDP's averaging (common.gather_with_grad sums the column gradients).
-    """
+    """`hydes_loss` on views (V, N, D) gathered in rank order, with this process's images as the
+    anchors. The processes' losses (and, after DDP's averaging, gradients) average to the
+    global-batch ones; the logs are averaged over processes."""
 
     def __init__(self, kappa=10.0, alpha=1.0, beta=1.0, global_self=True, global_positives=True):
         super().__init__()
@@ -332,9 +202,10 @@ def make_criterion(cfg):
                      cfg.global_positives == "include")
 
 
-def loss_variants(cfg):
-    """The loss paths --benchmark times alone at several batch sizes (JSON key -> criterion)."""
-    return {"loss_ms": make_criterion(cfg)}
+def collapsed(logs, cfg):
+    """Collapse shows in H_global at its minimum, -log C_D - kappa: every embedding at one point."""
+    if logs["h_global"] < -log_vmf_normaliser(common.out_dim(cfg), cfg.kappa) - cfg.kappa + 1e-3:
+        return "H_global at its minimum"
 
 
 # ============================================================================================
@@ -357,7 +228,7 @@ def make_backbone(arch, stem):
 
 
 def make_projector(in_dim, widths):
-    """Linear(+bias) -> BN -> ReLU for each hidden width, then Linear without bias (spec 5)."""
+    """Linear(+bias) -> BN -> ReLU for each hidden width, then Linear without bias."""
     dims = [in_dim] + [int(w) for w in widths.split("-")]
     layers = []
     for a, b in zip(dims[:-2], dims[1:-1]):
@@ -383,100 +254,23 @@ class Model(nn.Module):
 # Augmentation
 # ============================================================================================
 # A pretraining view is made in two halves. The geometric half (RandomResizedCrop, flip) runs per
-# image in the loader's workers, with torchvision. The photometric half (colour jitter, grayscale,
-# blur, solarize, normalise) runs on the whole batch on the training device: per image it is the
-# random recipe of torchvision's v2 transforms, with torchvision's formulas, but in the workers it
-# made a GPU wait for data most of the time (README, "Performance"). It works on float images in
-# [0, 1]: torchvision on uint8 images rounds to 8 bits after every op, this code does not. The
-# solarize threshold is 128/255, i.e. 128 of 255 as in the official PIL pipelines.
+# image in the loader's workers. The photometric half (colour jitter, grayscale, blur, solarize,
+# normalise) runs on the whole batch on the training device, where it cannot starve a GPU of
+# data: every op (torchvision's formulas, common.py) is applied to every image, with the op's
+# identity parameter for the images that did not draw it. Per image it is torchvision's v2
+# recipe, on float images without the rounding to 8 bits of torchvision's uint8 ops.
+
+BICUBIC = v2.InterpolationMode.BICUBIC
+
 
 def normalize(cfg):
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(*cfg.norm)]
 
 
 def crop(size, scale):
-    """The geometric half of a pretraining view, on one image: bicubic RandomResizedCrop + flip, uint8 out."""
-    return v2.Compose([v2.ToImage(),
-                       v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
-                                            antialias=True),
+    """The geometric half of a pretraining view: bicubic RandomResizedCrop + flip, uint8 out."""
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
                        v2.RandomHorizontalFlip(p=0.5)])
-
-
-LUMA = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale weights
-
-
-def grayscale(x):
-    """Luma of a batch of RGB images (B, 3, H, W) -> (B, 1, H, W). The weights stay Python numbers:
-    a tensor made from them would be copied to the GPU at every call, and such a copy waits for it."""
-    r, g, b = x.unbind(1)
-    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b)[:, None]
-
-
-def blend(x, y, f):
-    """f x + (1 - f) y clamped to [0, 1], one factor f per image (torchvision's _blend)."""
-    f = f[:, None, None, None]
-    return (f * x + (1 - f) * y).clamp(0, 1)
-
-
-def brightness(x, f):
-    return blend(x, torch.zeros_like(x), f)
-
-
-def contrast(x, f):
-    """Blend with the image's mean luma."""
-    return blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), f)
-
-
-def saturation(x, f):
-    """Blend with the image's own luma."""
-    return blend(x, grayscale(x), f)
-
-
-def hue(x, f):
-    """Turn the HSV hue of image b by f[b] (a fraction of a full turn), keeping S and V.
-
-    h comes from the channel that holds V = max (R before G before B, as torchvision); back to
-    RGB by V - C clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6 with n = 5, 3, 1 for R, G, B and
-    the chroma C = max - min: the closed form of torchvision's six-sector table.
-    """
-    r, g, b = x.unbind(1)
-    v = x.amax(1)
-    c = v - x.amin(1)
-    c_safe = torch.where(c > 0, c, 1.0)   # grey pixels (C = 0): any h will do, they stay grey
-    h = torch.where(v == r, (g - b) / c_safe, torch.where(v == g, 2 + (b - r) / c_safe, 4 + (r - g) / c_safe))
-    h = (h / 6 + f[:, None, None]) % 1
-    k = torch.stack([(n + 6 * h) % 6 for n in (5, 3, 1)], 1)
-    return v[:, None] - c[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
-
-
-def gaussian_blur(x, sigma, taps):
-    """Blur image b with its own sigma[b]: torchvision's kernel, `taps` samples of exp(-t^2 / 2 sigma^2)
-    at t = -(taps - 1)/2 ... (taps - 1)/2 normalised to sum 1, applied along W then H (separable),
-    with reflect padding. One depthwise convolution for the whole batch."""
-    B, C, H, W = x.shape
-    t = torch.arange(taps, device=x.device, dtype=x.dtype) - (taps - 1) / 2
-    kernel = torch.softmax(-(t / sigma[:, None]) ** 2 / 2, dim=1).repeat_interleave(C, 0)   # (B C, taps)
-    y = F.pad(x.reshape(1, B * C, H, W), (taps // 2,) * 4, mode="reflect")
-    y = F.conv2d(y, kernel[:, None, None, :], groups=B * C)
-    return F.conv2d(y, kernel[:, None, :, None], groups=B * C).reshape(B, C, H, W)
-
-
-def solarize(x):
-    return torch.where(x >= 128 / 255, 1 - x, x)
-
-
-def apply_to(x, chosen, op, *per_image):
-    """x with op applied to the images in `chosen` (a CPU mask), op getting those images' rows of
-    each per-image tensor. The mask is known on the host, so the images are picked by index with
-    no device sync, and op runs only on the images that drew it."""
-    index = chosen.nonzero().squeeze(1)
-    if len(index) == 0:
-        return x
-    args = [a[index].to(x.device, non_blocking=True) for a in per_image]
-    if len(index) == len(x):
-        return op(x, *args)
-    index = index.to(x.device, non_blocking=True)
-    return x.index_copy(0, index, op(x.index_select(0, index), *args))
 
 
 class Photometric:
@@ -489,43 +283,36 @@ class Photometric:
     uint8 batch (B, 3, H, W) on any device and B images' draws returns the normalised float views.
     """
 
-    JITTER = (brightness, contrast, saturation, hue)
-    STRENGTH = (0.4, 0.4, 0.2, 0.1)   # factors uniform in [1 - s, 1 + s]; hue in [-0.1, 0.1]
-
     def __init__(self, norm, blur_p, solarize_p, taps, sigma):
-        self.mean, self.std = (torch.tensor(v)[:, None, None] for v in norm)
-        self.blur_p, self.solarize_p, self.taps, self.sigma = blur_p, solarize_p, taps, sigma
+        self.norm, self.blur_p, self.solarize_p, self.taps, self.sigma = norm, blur_p, solarize_p, taps, sigma
 
     def draw(self, n, generator):
         def uniform(lo, hi, *shape):
             return lo + (hi - lo) * torch.rand(n, *shape, generator=generator)
-        b, c, s, h = self.STRENGTH
         return {"jitter": uniform(0, 1) < 0.8,
                 "order": uniform(0, 1, 4).argsort(1),      # a uniformly random permutation per image
-                "factors": uniform(torch.tensor([1 - b, 1 - c, 1 - s, -h]),
-                                   torch.tensor([1 + b, 1 + c, 1 + s, h]), 4),
+                # brightness, contrast, saturation in [1 - s, 1 + s] for s = 0.4, 0.4, 0.2; hue in [-0.1, 0.1]
+                "factors": uniform(torch.tensor([0.6, 0.6, 0.8, -0.1]), torch.tensor([1.4, 1.4, 1.2, 0.1]), 4),
                 "gray": uniform(0, 1) < 0.2,
                 "blur": uniform(0, 1) < self.blur_p,
                 "sigma": uniform(*self.sigma),
                 "solarize": uniform(0, 1) < self.solarize_p}
 
     def __call__(self, x, p):
+        p = {k: v.to(x.device, non_blocking=True) for k, v in p.items()}
         x = x.float() / 255
-        for position in range(4):
-            for k, op in enumerate(self.JITTER):
-                x = apply_to(x, p["jitter"] & (p["order"][:, position] == k), op, p["factors"][:, k])
-        x = apply_to(x, p["gray"], lambda y: grayscale(y).expand(-1, 3, -1, -1))
-        if self.taps > 1:
-            x = apply_to(x, p["blur"], lambda y, sigma: gaussian_blur(y, sigma, self.taps), p["sigma"])
-        x = apply_to(x, p["solarize"], solarize)
-        if self.mean.device != x.device:   # copied to the device once, not at every call
-            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
-        return (x - self.mean) / self.std
+        for position in range(4):              # ColorJitter's ops in each image's own order
+            for k, (op, identity) in enumerate(zip(common.JITTER.values(), (1.0, 1.0, 1.0, 0.0))):
+                drawn = p["jitter"] & (p["order"][:, position] == k)
+                x = op(x, torch.where(drawn, p["factors"][:, k], identity))
+        x = common.JITTER["saturation"](x, (~p["gray"]).float())                       # grayscale: saturation 0
+        x = common.gaussian_blur(x, torch.where(p["blur"], p["sigma"], 1e-3), self.taps)   # 1e-3: no blur
+        return v2.functional.normalize(common.solarize(x, p["solarize"]), *self.norm)
 
 
 def pretrain_views(cfg):
     """V global views alternating BYOL's two recipes (blur 1.0 / 0.1, solarize 0.0 / 0.2), then
-    --local-crops small crops (area 0.05-0.25, blur 0.5), spec 6. Each view is a pair (geometric
+    --local-crops small crops (area 0.05-0.25, blur 0.5). Each view is a pair (geometric
     half for the loader, photometric half for the device). A 13-tap blur covers +-3 sigma for
     sigma up to 2; the small-image presets have no blur (--blur-sigma 0)."""
     def view(size, scale, blur_p, solarize_p):
@@ -538,107 +325,27 @@ def pretrain_views(cfg):
 
 
 def probe_train_view(cfg):
-    """Linear-probe training augmentation (spec 7): RandomResizedCrop + flip."""
-    return v2.Compose([v2.ToImage(),
-                       v2.RandomResizedCrop(cfg.image_size, scale=(0.08, 1.0),
-                                            interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                       v2.RandomHorizontalFlip(p=0.5), *normalize(cfg)])
+    """Linear-probe training augmentation: RandomResizedCrop (area 0.08-1) + flip."""
+    return v2.Compose([crop(cfg.image_size, (0.08, 1.0)), *normalize(cfg)])
 
 
 def test_view(cfg):
     """Evaluation: Resize(size * 8/7, bicubic) + CenterCrop(size) (256 -> 224 on ImageNet)."""
-    return v2.Compose([v2.ToImage(),
-                       v2.Resize(int(cfg.image_size * 8 / 7), interpolation=v2.InterpolationMode.BICUBIC,
-                                 antialias=True),
+    return v2.Compose([v2.ToImage(), v2.Resize(int(cfg.image_size * 8 / 7), interpolation=BICUBIC, antialias=True),
                        v2.CenterCrop(cfg.image_size), *normalize(cfg)])
+
 
 # ============================================================================================
 # Data
 # ============================================================================================
+# Plumbing in common.py: the datasets (load_datasets), the views seeded per item (Views) and the
+# sampler that splits each global batch across processes (GlobalBatchSampler).
 
-class TensorImages(torch.utils.data.Dataset):
-    """In-memory uint8 images (N, C, H, W) with labels; grey images are repeated to 3 channels."""
-
-    def __init__(self, images, labels):
-        self.images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-        self.targets = labels
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.targets[i])
-
-
-class Views(torch.utils.data.Dataset):
-    """Applies each transform to an image; items are (index, seed) pairs from the sampler.
-
-    The seed fixes the augmentation of this item (a forked RNG, so the global one is untouched):
-    the same step gets the same views whatever the number of workers, and a resumed run
-    continues with exactly the views the uninterrupted run would have drawn.
-    """
-
-    def __init__(self, base, transforms):
-        self.base, self.transforms = base, transforms
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, item):
-        index, seed = item
-        image, label = self.base[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return [t(image) for t in self.transforms], label
-
-
-def load_datasets(cfg):
-    """(pretraining set, probe training set, test set, number of classes) for cfg.data."""
-    name = cfg.data if cfg.data in PRESETS else "folder"
-    if cfg.download and name in ("cifar10", "cifar100", "stl10"):
-        common.download(name, cfg.data_dir or "data")
-    try:
-        return read_dataset(name, cfg)
-    except UsageError as e:
-        hint = {"fashionmnist": "pass --data-dir DIR with its idx .gz files, or apt-get install "
-                                "dataset-fashion-mnist",
-                "folder": "pass --data-dir DIR holding train/ and val/ class folders"}
-        raise UsageError(f"{e}; {hint.get(name, 'pass --data-dir DIR or --download')}") from None
-
-
-def read_dataset(name, cfg):
-    if name == "synthetic":
-        train, test = (TensorImages(*common.make_synthetic(n, cfg.image_size, seed=cfg.seed + i))
-                       for i, n in enumerate((cfg.synthetic_train, cfg.synthetic_test)))
-        return train, train, test, len(common.SYNTHETIC_CLASSES)
-    if name == "fashionmnist":
-        root = cfg.data_dir or common.FASHION_MNIST_SYSTEM_DIR
-        train, test = (TensorImages(*common.read_fashion_mnist(root, t)) for t in (True, False))
-        return train, train, test, 10
-    root = cfg.data_dir or "data"
-    if name in ("cifar10", "cifar100"):
-        classes = int(name[5:])
-        train, test = (TensorImages(*common.read_cifar(root, classes, t)) for t in (True, False))
-        return train, train, test, classes
-    if name == "stl10":   # pretraining on train + unlabeled, probing on train
-        labelled, test, unlabelled = (TensorImages(*common.read_stl10(root, s))
-                                      for s in ("train", "test", "unlabeled"))
-        return torch.utils.data.ConcatDataset([labelled, unlabelled]), labelled, test, 10
-    folders = [common.need(os.path.join(root, s), f"image folder '{s}/'") for s in ("train", "val")]
-    train, test = (torchvision.datasets.ImageFolder(f) for f in folders)
-    return train, train, test, len(train.classes)
-
-
-def make_loader(dataset, batch_sampler, cfg):
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=cfg.workers,
-                                       pin_memory=cfg.use_cuda, persistent_workers=cfg.workers > 0)
-
-
-def eval_loader(base, transform, cfg, d, batch=256):
-    """This rank's contiguous shard of `base`, in order, with a fixed transform."""
-    idx = list(common.shard(len(base), d.rank, d.world))
-    batches = [[(i, 0) for i in idx[j:j + batch]] for j in range(0, len(idx), batch)]
-    return make_loader(Views(base, [transform]), batches, cfg)
+def pretrain_loader(dataset, cfg, d):
+    """(sampler of global batches, loader of this process's crops, the views' photometric halves)."""
+    sampler = common.GlobalBatchSampler(len(dataset), cfg.batch_size, d.rank, d.world, seed=cfg.seed)
+    geometric, photometric = zip(*pretrain_views(cfg))
+    return sampler, common.make_loader(common.Views(dataset, geometric), sampler, cfg), photometric
 
 
 # ============================================================================================
@@ -675,7 +382,7 @@ class LARS(torch.optim.Optimizer):
 
 def make_optimizer(model, cfg):
     """SGD with momentum, or LARS (ImageNet preset); biases and BatchNorm parameters (the 1-D
-    ones) get no weight decay (and no LARS trust ratio), spec 6."""
+    ones) get no weight decay (and no LARS trust ratio)."""
     weights = [p for p in model.parameters() if p.ndim > 1]
     others = [p for p in model.parameters() if p.ndim <= 1]
     if cfg.optimizer == "lars":
@@ -695,37 +402,9 @@ def lr_at(cfg, step):
     return base * (1 + math.cos(math.pi * min(step - W, K - W) / max(K - W, 1))) / 2
 
 
-def autocast(cfg):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, torch.float32)
-    return torch.autocast("cuda" if cfg.use_cuda else "cpu", dtype=dtype, enabled=cfg.amp != "off")
-
-
 # ============================================================================================
 # Evaluation
 # ============================================================================================
-
-@torch.no_grad()
-def extract(backbone, base, transform, cfg, d):
-    """Backbone features (eval mode) and labels of the whole of `base`, on every rank."""
-    was_training = backbone.training
-    backbone.eval()
-    feats, labels = [], []
-    for (x,), y in eval_loader(base, transform, cfg, d):
-        with autocast(cfg):
-            feats.append(backbone(to_device(x, cfg, d)).float())
-        labels.append(y.to(d.device))
-    backbone.train(was_training)
-    feats = torch.cat(feats) if feats else torch.empty(0, 0, device=d.device)
-    return (common.gather_shards(feats, len(base)),
-            common.gather_shards(torch.cat(labels) if labels else torch.empty(0, device=d.device), len(base)))
-
-
-def topk(logits, y, ks=(1, 5)):
-    """Top-k accuracies in % (k larger than the number of classes is skipped)."""
-    pred = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hit = pred == y[:, None]
-    return {f"top{k}": 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks if k < logits.shape[1]}
-
 
 def knn_accuracy(train_f, train_y, test_f, test_y, classes, k=200, T=0.1):
     """Weighted kNN monitor on cosine similarity (k = 200, temperature 0.1, InstDisc-style)."""
@@ -735,14 +414,12 @@ def knn_accuracy(train_f, train_y, test_f, test_y, classes, k=200, T=0.1):
         sim, idx = (chunk @ train_f.T).topk(min(k, len(train_f)), dim=1)
         votes = torch.zeros(len(chunk), classes, device=chunk.device)
         scores.append(votes.scatter_add_(1, train_y[idx], (sim / T).exp()))
-    return topk(torch.cat(scores), test_y)
+    return common.topk(torch.cat(scores), test_y)
 
 
 def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
-    """Fast probe for short runs: standardised cached features, linear head, SGD + cosine.
-
-    Not the paper protocol (no augmentation); identical on every rank (same seed, same data).
-    """
+    """Fast probe for short runs, not the paper protocol: standardised cached features, linear
+    head, SGD (lr 0.1, momentum 0.9, batch 256) with a cosine schedule; the same on every rank."""
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
     train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -756,82 +433,66 @@ def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
             opt.step()
         sched.step()
     with torch.no_grad():
-        return topk(head(test_f), test_y)
+        return common.topk(head(test_f), test_y)
 
 
 def linear_probe(backbone, probe_set, test_set, classes, cfg, d, log):
-    """The paper protocol (spec 7): frozen backbone in eval mode, Linear head on pooled features,
-    SGD m 0.9 wd 0, RandomResizedCrop + flip; cosine to lr/100 or x0.1 every 20 epochs (ImageNet).
-    Returns the last epoch's accuracies and the best top-1."""
+    """The paper protocol: frozen backbone in eval mode, Linear head on pooled features, batch
+    256, SGD momentum 0.9 without weight decay, RandomResizedCrop + flip; cosine to lr/100, or
+    x0.1 every 20 epochs (ImageNet). Returns the last epoch's accuracies and the best top-1."""
     backbone.eval()
-    head = nn.Linear(feature_dim(backbone, cfg, d), classes).to(d.device)
+    with torch.no_grad():
+        dim = backbone(torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=d.device)).shape[1]
+    head = nn.Linear(dim, classes).to(d.device)
     head_ddp = nn.parallel.DistributedDataParallel(head) if d.world > 1 else head
     opt = torch.optim.SGD(head.parameters(), lr=cfg.probe_lr, momentum=0.9, weight_decay=0.0)
-    if cfg.probe_schedule == "step":
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.1)
-    else:
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs, eta_min=cfg.probe_lr / 100)
-    batch = min(256, len(probe_set) // d.world * d.world)
-    sampler = common.GlobalBatchSampler(len(probe_set), batch, d.rank, d.world, seed=cfg.seed + 1)
-    loader = make_loader(Views(probe_set, [probe_train_view(cfg)]), sampler, cfg)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.1) if cfg.probe_schedule == "step" else \
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs, eta_min=cfg.probe_lr / 100)
+    sampler = common.GlobalBatchSampler(len(probe_set), min(256, len(probe_set) // d.world * d.world), d.rank,
+                                        d.world, seed=cfg.seed + 1)
+    loader = common.make_loader(common.Views(probe_set, [probe_train_view(cfg)]), sampler, cfg)
     best, acc = 0.0, {}
     for epoch in range(cfg.probe_epochs):
         sampler.set_epoch(epoch)
         for (x,), y in loader:
-            with torch.no_grad(), autocast(cfg):
-                f = backbone(to_device(x, cfg, d)).float()
-            loss = F.cross_entropy(head_ddp(f), y.to(d.device))
+            with torch.no_grad(), common.autocast(cfg):
+                f = backbone(common.to_device(x, cfg, d)).float()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            F.cross_entropy(head_ddp(f), y.to(d.device)).backward()
             opt.step()
         sched.step()
-        test_f, test_y = extract(backbone, test_set, test_view(cfg), cfg, d)
+        test_f, test_y = common.extract(backbone, test_set, test_view(cfg), cfg, d)
         with torch.no_grad():
-            acc = topk(head(test_f), test_y)
+            acc = common.topk(head(test_f), test_y)
         best = max(best, acc["top1"])
         log.print(f"  probe epoch {epoch + 1}/{cfg.probe_epochs}  top1 {acc['top1']:.2f}  best {best:.2f}")
     return {**acc, "best_top1": best}
 
 
-@torch.no_grad()
-def feature_dim(backbone, cfg, d):
-    return backbone(torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=d.device)).shape[1]
+def effective_ranks(model, data, cfg, d, n=2048):
+    """RankMe of the backbone features and of the embeddings (the loss's inputs) of the first n
+    pretraining images without augmentation: a collapse shows with or without labels."""
+    images = torch.utils.data.Subset(data[0], range(min(n, len(data[0]))))
+    return {f"rank_{name}": common.rankme(common.extract(net, images, test_view(cfg), cfg, d)[0])
+            for name, net in (("features", model.backbone), ("embedding", model))}
 
 
 def evaluate(backbone, data, cfg, d, log, kind):
-    """Probe accuracy of `backbone` with the configured protocol."""
+    """Accuracy of `backbone` by kind: "linear" (paper protocol), "cached" probe or "knn" monitor."""
     _, probe_set, test_set, classes = data
     if kind == "linear":
         return linear_probe(backbone, probe_set, test_set, classes, cfg, d, log)
-    train_f, train_y = extract(backbone, probe_set, test_view(cfg), cfg, d)
-    test_f, test_y = extract(backbone, test_set, test_view(cfg), cfg, d)
+    train_f, train_y = common.extract(backbone, probe_set, test_view(cfg), cfg, d)
+    test_f, test_y = common.extract(backbone, test_set, test_view(cfg), cfg, d)
     if kind == "knn":
-        bank = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(0))[:cfg.knn_bank]
-        return knn_accuracy(train_f[bank.to(d.device)], train_y[bank.to(d.device)], test_f, test_y, classes)
+        bank = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(0))[:cfg.knn_bank].to(d.device)
+        return knn_accuracy(train_f[bank], train_y[bank], test_f, test_y, classes)
     return cached_probe(train_f, train_y, test_f, test_y, classes, cfg)
 
 
 # ============================================================================================
 # Training
 # ============================================================================================
-
-def to_device(x, cfg, d):
-    x = x.to(d.device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if cfg.use_cuda else x
-
-
-def augment(photometric, crops, step, cfg, d):
-    """The photometric half of each view (Augmentation) for this process's uint8 crops, on the
-    device. The random choices are drawn for the whole global batch from a generator seeded by
-    (seed, step, view) and each process takes its own rows: a step's views do not depend on the
-    number of processes, and a resumed run draws what the uninterrupted one would have."""
-    views = []
-    for v, (p, x) in enumerate(zip(photometric, crops)):
-        draw = p.draw(cfg.batch_size, torch.Generator().manual_seed((cfg.seed * 2**40 + step * 2**8 + v) % 2**63))
-        rows = slice(d.rank * len(x), (d.rank + 1) * len(x))
-        views.append(to_device(p(x.to(d.device, non_blocking=True), {k: t[rows] for k, t in draw.items()}), cfg, d))
-    return views
-
 
 def build(cfg, d):
     """Model, loss, optimiser and AMP scaler, freshly initialised from cfg.seed."""
@@ -841,53 +502,10 @@ def build(cfg, d):
         model = model.to(memory_format=torch.channels_last)
         if d.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    criterion = make_criterion(cfg).to(d.device)
-    optimizer = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(enabled=cfg.amp == "fp16")
-    return model, criterion, optimizer, scaler
-
-
-def graph_loss(criterion, cfg, d):
-    """The loss as train_step calls it: the criterion itself or, with --graph-loss on one CUDA
-    device, its forward and backward replayed from CUDA graphs captured at the first call.
-
-    Why: with small images a GPU step is bound by the host's kernel launches, not by the GPU (an
-    H100 at the CIFAR preset runs a step's kernels in 19 ms while its host takes 25-33 ms to launch
-    them), so the loss's hundred small kernels add their launch time, 2.5-5 ms, to every step; a
-    replay launched behind a busy GPU, as in training, costs under 1 ms (README, "Performance"). It
-    runs the same kernels on the same numbers. Capturing needs fixed shapes, no host sync and state
-    written in place; it calls the loss a few times first, so the state is saved before and put
-    back after. Multi-process runs stay eager (a collective inside a captured loss is untested: the
-    project's device machine has one GPU).
-    """
-    if not (cfg.graph_loss and cfg.use_cuda and d.world == 1):
-        return criterion
-    graphed, keys = None, []
-
-    def flat(*z):   # make_graphed_callables wants tensors out: the logs go as one stacked tensor
-        loss, logs = criterion(*z)
-        keys[:] = logs
-        return loss, torch.stack(list(logs.values()))
-
-    def loss_fn(*z):
-        nonlocal graphed
-        if graphed is None:
-            state = {k: v.clone() for k, v in criterion.state_dict().items()}
-            samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in z)
-            # Its warm-up calls run on a side stream, which the autograd engine warns about; expected here.
-            torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
-            try:
-                graphed = torch.cuda.make_graphed_callables(flat, samples)
-            except RuntimeError as e:
-                reason = str(e).partition("\n")[0]   # CUDA errors run over several lines
-                raise UsageError(f"capturing the loss in a CUDA graph failed ({reason}); rerun with "
-                                 "--no-graph-loss") from None
-            finally:   # whether or not the capture worked: the warning and the loss's state as before
-                torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(True)
-                criterion.load_state_dict(state)
-        loss, values = graphed(*z)
-        return loss, dict(zip(keys, values.clone().unbind()))   # a copy: the next replay overwrites them
-    return loss_fn
+    if cfg.compile:   # compiles forward in place: the state dict keeps its names
+        model.compile()
+    return model, make_criterion(cfg).to(d.device), make_optimizer(model, cfg), \
+        torch.amp.GradScaler(enabled=cfg.amp == "fp16")
 
 
 def train_step(model, criterion, optimizer, scaler, views, step, cfg):
@@ -895,13 +513,11 @@ def train_step(model, criterion, optimizer, scaler, views, step, cfg):
     batch. `views` holds the V global views and the local crops of this rank's images."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(cfg, step)
-    with autocast(cfg):
+    with common.autocast(cfg):
         z = [model(x) for x in views]      # one pass per view: crops of different sizes
-    # The loss runs outside autocast: float32 logits kappa z z^T (spec 3.5); (V, N, D) global batch.
+    # The loss runs outside autocast: float32 logits kappa z z^T; (V, N, D) global batch.
     z = torch.stack([common.gather_with_grad(v.float()) for v in z])
-    # No finiteness check here: reading the loss would wait for the GPU every step. The training
-    # loop reads the logs every few steps and before saving (read_logs).
-    loss, logs = criterion(z)
+    loss, logs = criterion(z)   # not checked here: the loop reads the logs every few steps
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -909,125 +525,33 @@ def train_step(model, criterion, optimizer, scaler, views, step, cfg):
     return logs
 
 
-def checkpoint_state(model, criterion, optimizer, scaler, step, cfg):
-    return {"model": model.state_dict(), "criterion": criterion.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-            "rng": torch.get_rng_state(), "batch_size": cfg.batch_size, "preset": cfg.preset}
-
-
-def restore(ckpt, model, criterion, optimizer, scaler, cfg, path):
-    if (ckpt.get("batch_size"), ckpt.get("preset")) != (cfg.batch_size, cfg.preset):
-        raise UsageError(f"{path} was written with --batch-size {ckpt.get('batch_size')} and preset "
-                         f"{ckpt.get('preset')}; resume with the same or choose another --output-dir")
-    try:
-        model.load_state_dict(ckpt["model"])
-        criterion.load_state_dict(ckpt["criterion"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise UsageError(f"{path} does not match this model ({type(e).__name__}); "
-                         "choose another --output-dir") from None
-    torch.set_rng_state(ckpt["rng"])
-    return ckpt["step"]
-
-
-def setup(cfg):
-    """This process's place in the run; sets its CPU threads and, if unset, the loader workers."""
-    d = common.Dist(cfg.use_cuda)
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
-    if cfg.workers is None:   # on CPU, loader workers compete with the training threads for cores
-        cfg.workers = max(1, (os.cpu_count() or 1) // d.local_world - 1) if cfg.use_cuda else 0
-    return d
-
-
 def train(cfg):
     """Pretrain, checkpoint, export the backbone and evaluate (runs in every process)."""
-    d = setup(cfg)
-    data = load_datasets(cfg)
-    sampler = common.GlobalBatchSampler(len(data[0]), cfg.batch_size, d.rank, d.world, seed=cfg.seed)
-    geometric, photometric = zip(*pretrain_views(cfg))
-    loader = make_loader(Views(data[0], geometric), sampler, cfg)
-    steps_per_epoch = cfg.steps_per_epoch = len(sampler)   # schedules in train_step need it
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
+    d = common.setup(cfg)
+    data = common.load_datasets(cfg)
+    sampler, loader, photometric = pretrain_loader(data[0], cfg, d)
+    cfg.steps_per_epoch = len(sampler)   # the schedules in train_step need it
     model, criterion, optimizer, scaler = build(cfg, d)
-    ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
-    step = 0
-    if os.path.exists(ckpt_path):   # before anything is written: a bad checkpoint loses nothing
-        step = restore(common.load_checkpoint(ckpt_path), model, criterion, optimizer, scaler, cfg, ckpt_path)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    log = common.Logger(cfg.output_dir, d.is_main)
-    log.record(event="start", argv=sys.argv, config=config_dict(cfg), versions=common.versions(),
-               world_size=d.world, resumed_from_step=step)
-    log.print(f"{PROG}: world size {d.world}, device {d.device}, {steps_per_epoch} steps/epoch, "
-              f"{total} steps" + (f", resuming at step {step}" if step else ""))
-    log.print("config: " + json.dumps(config_dict(cfg)))
-    if cfg.preset in OUR_PRESETS:
-        log.print(f"note: preset '{cfg.preset}' is the project's own (small, untuned), not the paper's")
+    # Resume, logs, the NaN check, checkpoints, stop signals, the collapse warning: common.Run.
+    run = common.Run(cfg, d, PROG, OUR_PRESETS, dict(model=model, criterion=criterion, optimizer=optimizer,
+                                                     scaler=scaler), collapsed)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if cfg.use_cuda else None) \
         if d.world > 1 else model
-    loss_fn = graph_loss(criterion, cfg, d)   # captured at the first step, after any restore
     model.train()
-    t0, t_last, images, waited, pending = time.time(), time.time(), 0, 0.0, []
-    while step < total:
-        epoch, start = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start)
-        asked = time.time()
-        for crops, _ in loader:
-            waited += time.time() - asked   # time blocked on the loader: a data bottleneck shows here
-            views = augment(photometric, crops, step, cfg, d)
-            pending.append(train_step(ddp, loss_fn, optimizer, scaler, views, step, cfg))
-            step, images = step + 1, images + cfg.batch_size
-            if step % cfg.log_every == 0 or step == total:
-                logs = read_logs(pending, step, ckpt_path)
-                elapsed = time.time() - t_last
-                rate, data_wait = images / elapsed, waited / elapsed
-                parts = " ".join(f"{k} {v:.5g}" for k, v in logs.items())
-                log.print(f"ep {epoch + 1}/{cfg.epochs} step {step}/{total} {parts} "
-                          f"lr {optimizer.param_groups[0]['lr']:.4g} {rate:.1f} img/s data wait "
-                          f"{100 * data_wait:.0f}% ETA {format_time((total - step) * cfg.batch_size / rate)}")
-                log.record(event="train", epoch=epoch + 1, step=step, lr=optimizer.param_groups[0]["lr"],
-                           img_per_s=rate, data_wait=data_wait, **logs)
-                t_last, images, waited = time.time(), 0, 0.0
-            if step == total:
-                break
-            asked = time.time()
-        end_of_epoch = step % steps_per_epoch == 0
-        read_logs(pending, step, ckpt_path)   # never a checkpoint of the weights a NaN step left
-        if d.is_main:
-            common.atomic_save(checkpoint_state(model, criterion, optimizer, scaler, step, cfg), ckpt_path)
-        if end_of_epoch:
-            monitor(model, criterion, data, cfg, d, log, epoch + 1)
-    log.print(f"pretraining done: {step} steps in {format_time(time.time() - t0)} this session")
-    finish(model, data, cfg, d, log)
+    on_epoch = functools.partial(monitor, model, criterion, data, cfg, d, run.log)   # called with the epoch
+    for step, crops in run.steps(loader, sampler, on_epoch):
+        views = common.augment(photometric, crops, step, cfg, d)
+        run.pending.append(train_step(ddp, criterion, optimizer, scaler, views, step, cfg))
+    finish(model, data, cfg, d, run.log)
     d.close()
 
 
-def read_logs(pending, step, ckpt_path):
-    """The logs of the last step, reading those of every step since the last call (`pending`,
-    device tensors; emptied) in one host sync. Raises at the first non-finite loss: its step and
-    the ones after it have not been saved, so the last checkpoint is good."""
-    if not pending:
-        return {}
-    rows = torch.stack([torch.stack(list(logs.values())) for logs in pending]).tolist()
-    for k, row in enumerate(rows):
-        loss = dict(zip(pending[k], row))["loss"]
-        if not math.isfinite(loss):
-            raise common.NonFiniteLoss(f"loss is {loss} at step {step - len(rows) + k + 1}; the last "
-                                       f"good checkpoint {ckpt_path} is kept (try a lower --lr)")
-    logs = dict(zip(pending[-1], rows[-1]))
-    pending.clear()
-    return logs
-
-
 def monitor(model, criterion, data, cfg, d, log, epoch):
-    """Per-epoch kNN monitor (the entropies and the MI of every step are in the training records)."""
-    if not (cfg.knn_every and epoch % cfg.knn_every == 0):
-        return
-    rec = {f"knn_{k}": v for k, v in evaluate(model.backbone, data, cfg, d, log, "knn").items()}
-    log.print(f"  epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()))
-    log.record(event="epoch", epoch=epoch, **rec)
+    """Per-epoch diagnostics: effective ranks and kNN (the entropies and the MI are in every step's log)."""
+    rec = effective_ranks(model, data, cfg, d)
+    if cfg.knn_every and epoch % cfg.knn_every == 0:
+        rec.update({f"knn_{k}": v for k, v in evaluate(model.backbone, data, cfg, d, log, "knn").items()})
+    return common.log_epoch(log, epoch, rec)
 
 
 def finish(model, data, cfg, d, log):
@@ -1036,172 +560,11 @@ def finish(model, data, cfg, d, log):
         common.atomic_save(model.backbone.state_dict(), os.path.join(cfg.output_dir, "backbone.pt"))
     if cfg.probe == "none":
         return
-    label = {"linear": "linear probe (paper protocol)",
-             "cached": "cached-feature probe (fast, no aug)"}[cfg.probe]
     results = {"trained": evaluate(model.backbone, data, cfg, d, log, cfg.probe)}
     if cfg.baseline:   # what the probe reaches without pretraining: random weights, raw pixels
-        random_model, *_ = build(cfg, d)
-        results["random_init"] = evaluate(random_model.backbone, data, cfg, d, log, cfg.probe)
+        results["random_init"] = evaluate(build(cfg, d)[0].backbone, data, cfg, d, log, cfg.probe)
         results["raw_pixels"] = evaluate(nn.Flatten(), data, cfg, d, log, cfg.probe)
-    for name, acc in results.items():
-        log.print(f"{label}, {name} backbone: " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
-    log.record(event="probe", protocol=cfg.probe, **results)
-
-
-def config_dict(cfg):
-    return {k: v for k, v in sorted(vars(cfg).items()) if isinstance(v, (int, float, str, bool, list, tuple))
-            or v is None}
-
-
-def format_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-# ---- --benchmark: what a step costs beyond the bare network (README, "Performance") ----------
-# The same training step timed with the method's loss and with a trivial one, the loss alone at
-# several global batch sizes, and the data pipeline. Random images of the preset's size stand in
-# for the dataset (the augmentations' cost does not depend on what the pixels show); nothing is
-# written to disk.
-
-class TrivialLoss(nn.Module):
-    """The bare network's loss: the mean of every embedding it is given. It keeps its inputs'
-    shapes for the loss-alone timings."""
-
-    def forward(self, *z):
-        self.inputs = [(t.shape, t.requires_grad) for t in z]
-        loss = sum(t.mean() for t in z)
-        return loss, {"loss": loss.detach().double()}
-
-
-def benchmark(cfg):
-    """--benchmark: print a table of the figures, then the same figures as one JSON line."""
-    if cfg.gpus != 1:
-        raise UsageError("--benchmark times one process; leave --gpus at 1")
-    d = setup(cfg)
-    # Enough batches for a short run several times longer than the loader's prefetch queue (two
-    # batches per worker), so that its data-wait share is not that of a queue filled at the start.
-    # A GPU step takes milliseconds and the speed of the host that launches it drifts: more blocks
-    # steady the median. On a CPU a step takes seconds.
-    cfg.bench_steps = cfg.bench_steps or (40 if cfg.use_cuda else 15)
-    n = cfg.batch_size * (cfg.bench_steps + 3 + 6 * cfg.workers)
-    pixels = torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(cfg.seed))
-    geometric, photometric = zip(*pretrain_views(cfg))
-    images = Views(TensorImages(pixels, torch.zeros(n, dtype=torch.long)), geometric)
-    sampler = common.GlobalBatchSampler(n, cfg.batch_size, seed=cfg.seed)
-    cfg.steps_per_epoch = len(sampler)
-    model, criterion, optimizer, scaler = build(cfg, d)
-    model.train()
-    res = {"method": PROG.removesuffix(".py"), "preset": cfg.preset,
-           "device": common.device_name(d.device), "threads": torch.get_num_threads(), "amp": cfg.amp,
-           "batch_size": cfg.batch_size}
-    crops, res["augment_img_per_s_per_worker"] = augment_one_batch(images, cfg)
-    ms = [common.timed(lambda: augment(photometric, crops, 0, cfg, d), d.device) for _ in range(4)]
-    res["device_augment_ms"] = 1000 * statistics.median(ms[1:])
-    views = augment(photometric, crops, 0, cfg, d)
-    trivial, loss_fn = TrivialLoss(), graph_loss(criterion, cfg, d)   # the loss as training runs it
-    res["graph_loss"] = loss_fn is not criterion
-    res.update(step_times(model, {"": loss_fn, "trivial_": trivial}, optimizer, scaler, views, cfg, d))
-    res["step_overhead"] = res["step_ms"] / res["trivial_step_ms"]
-    for key, variant in loss_variants(cfg).items():
-        res[key] = loss_times(variant.to(d.device), trivial.inputs, cfg, d)
-    loader = make_loader(images, sampler, cfg)
-    res["workers"] = cfg.workers
-    res["data_wait"] = measure_data_wait(model, loss_fn, optimizer, scaler, loader, photometric, cfg, d)
-    print_benchmark(res)
-    print(json.dumps(res), flush=True)
-
-
-def augment_one_batch(images, cfg):
-    """One batch of crops (the geometric halves) made as one loader worker makes them (one
-    thread); and its images/s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    batch = torch.utils.data.default_collate([images[(i, i)] for i in range(cfg.batch_size)])
-    rate = cfg.batch_size / (time.perf_counter() - start)
-    torch.set_num_threads(threads)
-    return batch[0], rate
-
-
-def step_times(model, losses, optimizer, scaler, views, cfg, d, block=5):
-    """ms per train_step with each loss of `losses` ({key prefix: loss}), and on CUDA the peak
-    memory. Steps run back to back in blocks of `block`, as the training loop runs them: no host
-    sync between steps, so the host queues the next step's kernels while the GPU runs this one's
-    (timing each step alone would add the host's launch time to every step, which training never
-    waits for). The losses take turns block by block, so that a drift of the machine's speed
-    touches them alike. The median block over --bench-steps steps of each counts, after two
-    warm-up steps of each (allocator, cuDNN's algorithm search)."""
-    def run(loss_fn, first, n):
-        for step in range(first, first + n):
-            train_step(model, loss_fn, optimizer, scaler, views, step, cfg)
-    cuda = d.device.type == "cuda"
-    for loss_fn in losses.values():
-        run(loss_fn, 0, 2)
-    block = min(block, cfg.bench_steps)
-    times, peak = {name: [] for name in losses}, dict.fromkeys(losses, 0)
-    for first in range(2, 2 + cfg.bench_steps, block):
-        for name, loss_fn in losses.items():
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(d.device)
-            times[name].append(common.timed(lambda: run(loss_fn, first, block), d.device) / block)
-            if cuda:
-                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(d.device))
-    res = {}
-    for name, t in times.items():
-        ms = 1000 * statistics.median(t)
-        res.update({name + "step_ms": ms, name + "img_per_s": cfg.batch_size / ms * 1000})
-        if cuda:
-            res[name + "peak_gib"] = peak[name] / 2**30
-    return res
-
-
-def loss_times(loss_fn, inputs, cfg, d):
-    """Forward + backward of the loss alone, {global batch N: median ms of 5 calls after one
-    warm-up}, on random unit embeddings shaped like a step's with N rows. Stops growing N once a
-    call takes over a second (the exact kernel paths are quadratic)."""
-    res = {}
-    for n in cfg.bench_sizes:
-        z = [F.normalize(torch.randn(*shape[:-2], n, shape[-1], device=d.device), dim=-1)
-             .requires_grad_(grad) for shape, grad in inputs]
-        ms = 1000 * statistics.median([common.timed(lambda: loss_fn(*z)[0].backward(), d.device)
-                                       for _ in range(6)][1:])
-        res[n] = round(ms, 3)
-        if ms > 1000:
-            break
-    return res
-
-
-def measure_data_wait(model, loss_fn, optimizer, scaler, loader, photometric, cfg, d):
-    """Share of wall time a short run (the loader with its workers, augment, train_step) spends
-    blocked on the loader, from the second batch on (the first includes starting the workers)."""
-    waited, asked = 0.0, time.perf_counter()
-    for step, (crops, _) in enumerate(loader):
-        if step == 1:
-            waited, start = 0.0, asked
-        waited += time.perf_counter() - asked
-        train_step(model, loss_fn, optimizer, scaler, augment(photometric, crops, step, cfg, d), step, cfg)
-        asked = time.perf_counter()
-    if d.device.type == "cuda":
-        torch.cuda.synchronize(d.device)   # the clock stops when the queued steps are done
-    return waited / (time.perf_counter() - start)
-
-
-def print_benchmark(res):
-    print(f"{PROG} --benchmark: preset {res['preset']}, batch {res['batch_size']}, {res['device']}, "
-          f"{res['threads']} threads, amp {res['amp']}")
-    for name, label in (("", "this loss"), ("trivial_", "trivial loss")):
-        mem = f"  peak {res[name + 'peak_gib']:.2f} GiB" if name + "peak_gib" in res else ""
-        print(f"  training step, {label:12s} {res[name + 'step_ms']:10.1f} ms "
-              f"{res[name + 'img_per_s']:9.1f} img/s{mem}")
-    print(f"  step overhead (this / trivial) {res['step_overhead']:8.3f}")
-    for key in (k for k in res if k.startswith("loss_ms")):
-        print(f"  {key} (loss alone, fwd + bwd, by global batch): "
-              + "  ".join(f"{n}: {ms:.1f}" for n, ms in res[key].items()))
-    print(f"  augmentation: crops {res['augment_img_per_s_per_worker']:.0f} images/s per worker (all views "
-          f"of an image), photometric half {res['device_augment_ms']:.1f} ms per batch on the device; "
-          f"waiting for data: {100 * res['data_wait']:.1f}% of a short run ({res['workers']} workers)")
+    common.report_probes(log, cfg.probe, results)
 
 
 # ============================================================================================
@@ -1209,11 +572,7 @@ def print_benchmark(res):
 # ============================================================================================
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    if cfg.benchmark:
-        benchmark(cfg)
-    else:
-        common.launch(train, cfg, cfg.gpus, PROG)
+    common.launch(train, parse_args(argv), PROG)
 
 
 if __name__ == "__main__":
