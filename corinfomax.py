@@ -29,10 +29,11 @@ DIFFERENCES FROM THE OFFICIAL CODE ([choice]: ours where it is silent)
     2. bf16 autocast on CUDA by default (official: fp16 on ImageNet-1k only); the loss outside it.
     3. A kNN monitor instead of the official IN-100 script's online probe.
     4. [choice] Colour jitter, grayscale, blur and solarize batched on the training device, in
-       float (official: PIL per image in the loader); a 13-tap blur; weight decay on everything.
+       float (official: PIL per image in the loader).
     5. [choice] Global batches the same whatever the world size; exact mid-epoch resume.
     6. [choice] Presets stl10, fashionmnist, synthetic; the short ones step the LR per step.
     7. [choice] A cached-feature probe for short runs; the linear probe reports last and best top-1.
+    8. [choice] A 13-tap blur (PIL's blur has no size); weight decay on every parameter.
     Switches: --center-with previous, --lr-per-step, --amp, --no-normalize.
 
 USAGE

@@ -31,7 +31,7 @@ OUR CHOICES (every one, untuned; each is one flag away)
     3. V = 2 global views (`--views`), optional small local crops (`--local-crops`).
     4. SimCLR-style networks and optimisation (projector 2048-2048-256 with BatchNorm; SGD, LARS
        on ImageNet; 0.3 x B/256, 10 warm-up epochs, cosine to 0), BYOL's two-view augmentations;
-       the rest as in corinfomax.py (its items 4-7).
+       as in corinfomax.py (its items 4, 5 and 7): augmentation, data order, evaluation.
 
 USAGE
     python hydes.py                                    # CPU demo on synthetic patterns

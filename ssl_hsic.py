@@ -35,7 +35,7 @@ DIFFERENCES FROM THE OFFICIAL CODE ([choice]: ours where it is silent; each one 
     4. [choice] Evaluation and export use an EMA (0.999) of the online backbone (`--eval-weights`).
     5. [choice] CIFAR presets extrapolated from ImageNet; short presets with base LR 16 (the
        code's 0.4 barely moves a network in a few hundred small LARS steps) and eval EMA 0.99.
-    6. The loss in float32 outside autocast; the rest as in corinfomax.py (its items 2-7).
+    6. The loss in float32 outside autocast; as in corinfomax.py (its items 2-5 and 7).
     Switches for the code's conventions: --zy-self-pairs, --estimator exact, --target-init copy.
 
 USAGE

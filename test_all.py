@@ -1719,6 +1719,19 @@ def test_a_stop_signal_saves_the_step_and_resuming_gives_the_uninterrupted_weigh
         assert torch.equal(oa[k]["momentum_buffer"], ob[k]["momentum_buffer"])
 
 
+def test_save_every_minutes_leaves_little_to_lose_after_a_hard_kill(tmp_path):
+    """--save-every: a run killed without warning (SIGKILL) mid-epoch has a checkpoint of a recent
+    step, from which it resumes."""
+    args = [*tiny("corinfomax.py"), "--synthetic-train", 128, "--max-steps", 10, "--save-every", 1e-5]
+    code, out, err = _run_until([*args, "--output-dir", tmp_path / "o"], "corinfomax.py", [signal.SIGKILL],
+                                after="step 3/10")
+    assert code == -signal.SIGKILL
+    step = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["step"]
+    assert 2 <= step < 8, step                                  # mid-epoch: 8 steps per epoch
+    resumed = run_script(*args, "--output-dir", tmp_path / "o")
+    assert resumed.returncode == 0 and f"resuming at step {step}" in resumed.stdout, resumed.stderr
+
+
 def test_a_second_signal_stops_at_once(monkeypatch):
     """During a step a first signal is a request; the same signal again within a second (a launcher
     forwarding what the child also got) is the same request; a later one, or any signal outside
