@@ -1,18 +1,14 @@
-"""Shared plumbing for the four method scripts.
-
-Only code that cannot change a reported number lives here: the command line (the flags every
-file takes, one-line errors), torchvision's photometric formulas batched, process launching and
-distributed setup, data (readers, image folders, the sampler of global batches, loaders), the
-bookkeeping of a run (resume, logs, checkpoints, stop signals, the collapse warning), feature
-extraction and the synthetic dataset. Losses, networks, augmentation recipes, optimisers,
-schedules and the evaluation protocol stay in each method file, where a reader expects them.
+"""A toolbox of mechanics for the four method files; nothing here decides what a run does next
+(each method file's train() holds the loop): the command line, processes, datasets and the
+sampler, checkpoints, stop signals, logging, photometric formulas on a batch, feature extraction.
 """
 import argparse
+import collections
+import datetime
 import gzip
 import json
 import math
 import os
-import pickle
 import platform
 import re
 import signal
@@ -24,9 +20,11 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 import torchvision
+
+import synthetic
 
 
 class UsageError(Exception):
@@ -48,8 +46,8 @@ class NonFiniteLoss(Exception):
 class Stopped(Exception):
     """A stop signal (SIGTERM, SIGUSR1, Ctrl-C) ended the run after a step it saved."""
 
-    def __init__(self, message, signal_name):
-        super().__init__(message)
+    def __init__(self, signal_name, step, ckpt):
+        super().__init__(f"{signal_name} at step {step}, saved in {ckpt}; run the same command again to resume")
         self.code = 128 + signal.Signals[signal_name].value    # the shell's code for that signal
 
 
@@ -60,10 +58,8 @@ def run_cli(main, prog):
         return
     except UsageError as e:
         message, code = f"error: {e}", 2
-    except NonFiniteLoss as e:
-        message, code = f"stopped: {e}", 3
-    except Stopped as e:
-        message, code = f"stopped: {e}", e.code
+    except (NonFiniteLoss, Stopped) as e:
+        message, code = f"stopped: {e}", getattr(e, "code", 3)
     except KeyboardInterrupt:
         message, code = "interrupted; the last checkpoint is kept", 130
     if int(os.environ.get("RANK", 0)) == 0:   # every rank fails alike: one line is enough
@@ -72,11 +68,10 @@ def run_cli(main, prog):
 
 
 # ============================================================================================
-# Flags shared by all method files
+# The command line
 # ============================================================================================
-# Each method file adds its own flags (the method's symbols, its projector, its schedule) and its
-# presets; these are the ones every file takes. A flag left unset takes its preset's value. Every
-# value is checked when it is parsed: a bad one is a one-line error before anything runs.
+# The flags every file takes. No flag has an argparse default: one left unset takes its preset's
+# value, else the file's DEFAULTS. Every value is checked when it is parsed.
 
 class Parser(argparse.ArgumentParser):
     """argparse, with an error as one line (prog: error: argument --flag: ...) and exit status 2."""
@@ -110,81 +105,90 @@ WIDTHS = checked(str, lambda v: re.fullmatch(r"[1-9][0-9]*(-[1-9][0-9]*)*", v) i
                  "layer widths such as 2048-2048-64 (positive integers joined by '-')")
 
 
+SHARED_FLAGS = [   # (group, flag, type, or choices, or "switch" / "on-off", help)
+    ("data", "--data", str, "a preset ({presets}) or a folder: class folders in train/ and val/, or any images"),
+    ("data", "--data-dir", str, "where a preset's dataset lives (default ./data; Fashion-MNIST: Debian's folder)"),
+    ("data", "--preset", str, "the preset of a folder given as --data (default imagenet)"),
+    ("data", "--download", "switch", "download CIFAR/STL with torchvision first"),
+    ("data", "--workers", COUNT, "loader workers per process (default: its cores less one on CUDA, 0 on CPU)"),
+    ("data", "--skip-bad-images", "switch", "replace an image that cannot be decoded by the next one, and count it"),
+    ("data", "--synthetic-train", POSITIVE_INT, "synthetic: training images"),
+    ("data", "--synthetic-test", POSITIVE_INT, "synthetic: test images"),
+    ("network", "--arch", ("resnet18", "resnet50"), None),
+    ("network", "--stem", ("cifar", "imagenet"), "3x3 stride-1 stem without max-pool, or 7x7/2"),
+    ("network", "--image-size", IMAGE_SIZE, None),
+    ("network", "--crop-min-scale", AREA, "smallest RandomResizedCrop area of the pretraining views"),
+    ("network", "--blur-sigma", NONNEGATIVE, "largest Gaussian-blur sigma in pixels"),
+    ("optimisation", "--epochs", POSITIVE_INT, None),
+    ("optimisation", "--max-steps", POSITIVE_INT, "stop after this many steps in all"),
+    ("optimisation", "--batch-size", POSITIVE_INT, "global batch (all processes)"),
+    ("optimisation", "--warmup-epochs", NONNEGATIVE, None),
+    ("optimisation", "--wd", NONNEGATIVE, "weight decay"),
+    ("optimisation", "--momentum", RATE, None),
+    ("optimisation", "--amp", ("bf16", "fp16", "off"), "default: bf16 on CUDA, off on CPU"),
+    ("evaluation", "--probe", ("linear", "cached", "none"), "linear: the paper's protocol; cached: fast, for short runs"),
+    ("evaluation", "--probe-epochs", POSITIVE_INT, None),
+    ("evaluation", "--probe-batch", POSITIVE_INT, "linear probe: global batch"),
+    ("evaluation", "--probe-lr", POSITIVE, "linear probe: base learning rate"),
+    ("evaluation", "--probe-lr-scaling", ("none", "batch/256"), "linear probe: base LR x batch/256, or not"),
+    ("evaluation", "--probe-warmup-steps", COUNT, "linear probe: steps of linear warm-up from 0"),
+    ("evaluation", "--probe-schedule", ("cosine", "cosine-steps", "step"),
+     "linear probe: cosine per epoch to lr/100, per step to 0, or x0.1 every 20 epochs"),
+    ("evaluation", "--probe-head-ema", RATE, "linear probe: report a zero-debiased EMA of the head (0: the head)"),
+    ("evaluation", "--baseline", "on-off", "also probe the randomly initialised backbone and raw pixels"),
+    ("evaluation", "--knn-every", COUNT, "kNN monitor every N epochs (0: off)"),
+    ("evaluation", "--knn-bank", POSITIVE_INT, "training images in the kNN monitor's bank, at most"),
+    ("run", "--gpus", POSITIVE_INT, "local processes to start (CPU: gloo processes)"),
+    ("run", "--cpu", "switch", "do not use CUDA even if present"),
+    ("run", "--compile", "switch", "torch.compile the model (opt-in)"),
+    ("run", "--threads", POSITIVE_INT, "torch CPU threads per process (default: its cores)"),
+    ("run", "--output-dir", str, "checkpoints, metrics.jsonl, backbone.pt (default: runs/<file>-<preset>)"),
+    ("run", "--save-every", POSITIVE, "also checkpoint every this many minutes"),
+    ("run", "--log-every", POSITIVE_INT, "steps between logs, NaN checks and stop or save checks"),
+    ("run", "--seed", COUNT, None)]
+
+
 def add_shared_flags(p, presets):
-    """Add the shared flag groups to parser p; returns the groups by name for the method's own."""
-    groups = {name: p.add_argument_group(name)
-              for name in ("data", "method", "network", "optimisation", "evaluation", "run")}
-    g = groups["data"]
-    g.add_argument("--data", default="synthetic",
-                   help=f"preset name ({', '.join(presets)}) or a folder with train/ and val/")
-    g.add_argument("--data-dir", help=f"where the dataset lives (default: ./data; Fashion-MNIST: "
-                   f"{FASHION_MNIST_SYSTEM_DIR})")
-    g.add_argument("--preset", help="preset for a folder given as --data (default: imagenet)")
-    g.add_argument("--download", action="store_true", help="download CIFAR/STL with torchvision first")
-    g.add_argument("--workers", type=COUNT, help="data-loader workers per process (default: the CPU cores "
-                   "per process less one on CUDA, 0 on CPU)")
-    g.add_argument("--skip-bad-images", dest="skip_bad_images", action="store_true",
-                   help="replace an image file that cannot be decoded by the next one, and count it")
-    g.add_argument("--synthetic-train", dest="synthetic_train", type=POSITIVE_INT, help="synthetic: training images")
-    g.add_argument("--synthetic-test", dest="synthetic_test", type=POSITIVE_INT, help="synthetic: test images")
-    g = groups["network"]
-    g.add_argument("--arch", choices=("resnet18", "resnet50"))
-    g.add_argument("--stem", choices=("cifar", "imagenet"), help="3x3 stride-1 stem, no max-pool; or 7x7/2")
-    g.add_argument("--image-size", dest="image_size", type=IMAGE_SIZE)
-    g.add_argument("--crop-min-scale", dest="crop_min_scale", type=AREA,
-                   help="smallest RandomResizedCrop area of the pretraining views")
-    g.add_argument("--blur-sigma", dest="blur_sigma", type=NONNEGATIVE, help="largest Gaussian-blur sigma in pixels")
-    g = groups["optimisation"]
-    g.add_argument("--epochs", type=POSITIVE_INT)
-    g.add_argument("--max-steps", dest="max_steps", type=POSITIVE_INT, help="stop after this many steps in all")
-    g.add_argument("--batch-size", dest="batch_size", type=POSITIVE_INT, help="global batch (all processes)")
-    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=NONNEGATIVE)
-    g.add_argument("--wd", type=NONNEGATIVE, help="weight decay")
-    g.add_argument("--momentum", type=RATE)
-    g.add_argument("--amp", choices=("bf16", "fp16", "off"), help="default: bf16 on CUDA, off on CPU")
-    g = groups["evaluation"]
-    g.add_argument("--probe", choices=("linear", "cached", "none"),
-                   help="linear: the paper protocol; cached: fast cached-feature probe for short runs")
-    g.add_argument("--probe-epochs", dest="probe_epochs", type=POSITIVE_INT)
-    g.add_argument("--probe-lr", dest="probe_lr", type=POSITIVE)
-    g.add_argument("--baseline", action=argparse.BooleanOptionalAction,
-                   help="also probe the randomly initialised backbone and raw pixels")
-    g.add_argument("--knn-every", dest="knn_every", type=COUNT, help="kNN monitor every N epochs (0: off)")
-    g.add_argument("--knn-bank", dest="knn_bank", type=POSITIVE_INT, default=20000,
-                   help="at most this many training images in the kNN bank")
-    g = groups["run"]
-    g.add_argument("--gpus", type=POSITIVE_INT, default=1, help="local processes to start (CPU: gloo processes)")
-    g.add_argument("--cpu", action="store_true", help="do not use CUDA even if present")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model's forward (opt-in)")
-    g.add_argument("--threads", type=POSITIVE_INT, help="torch CPU threads per process")
-    g.add_argument("--output-dir", dest="output_dir", help="checkpoints, metrics.jsonl, backbone.pt")
-    g.add_argument("--save-every", dest="save_every", type=POSITIVE, default=30.0,
-                   help="also checkpoint every this many minutes (default 30), besides every epoch")
-    g.add_argument("--log-every", dest="log_every", type=POSITIVE_INT, default=10)
-    g.add_argument("--seed", type=COUNT, default=0)
+    """Add SHARED_FLAGS and --print-config to parser p; returns the groups for the method's flags."""
+    groups = {g: p.add_argument_group(g) for g in ("data", "method", "network", "optimisation", "evaluation", "run")}
+    for group, flag, kind, text in SHARED_FLAGS:
+        kind = {"switch": dict(action="store_true", default=None), "on-off": dict(action=argparse.BooleanOptionalAction)
+                }.get(kind, dict(choices=kind) if isinstance(kind, tuple) else dict(type=kind))
+        groups[group].add_argument(flag, help=text and text.format(presets=", ".join(presets)), **kind)
+    groups["run"].add_argument("--print-config", action="store_true",
+                               help="print every value of this command and where it comes from; then exit")
     return groups
 
 
-def resolve(cfg, defaults, presets, prog):
-    """Fill every unset flag from the preset (over the file's defaults); check what every method
-    needs. Returns cfg."""
-    is_path = cfg.data not in presets
-    cfg.preset = cfg.preset or ("imagenet" if is_path else cfg.data)
-    if cfg.preset not in presets:
-        raise UsageError(f"unknown preset {cfg.preset!r}; choose from {', '.join(presets)}")
-    if is_path:
-        cfg.data_dir = cfg.data
-    for k, v in {**defaults, **presets[cfg.preset]}.items():
-        if getattr(cfg, k, None) is None:
-            setattr(cfg, k, v)
-    cfg.use_cuda = torch.cuda.is_available() and not cfg.cpu
-    cfg.amp = cfg.amp or ("bf16" if cfg.use_cuda else "off")
-    cfg.output_dir = cfg.output_dir or os.path.join("runs", f"{prog.removesuffix('.py')}-{cfg.preset}")
+def resolve(p, argv, defaults, presets):
+    """Parse argv; a flag left unset takes the preset's value, else DEFAULTS' (cfg.sources: which)."""
+    for action in p._actions:   # --help shows each flag's default value
+        if action.dest in defaults and defaults[action.dest] is not None and action.help != argparse.SUPPRESS:
+            action.help = f"{action.help or ''} [default {defaults[action.dest]}]".strip()
+    cfg = p.parse_args(argv)
+    given = {k for k, v in vars(cfg).items() if v is not None and k != "print_config"}
+    assert set(vars(cfg)) - {"print_config"} <= set(defaults), "every flag needs its DEFAULTS entry"
+    data = cfg.data or defaults["data"]
+    name = cfg.preset or ("imagenet" if data not in presets else data)
+    if name not in presets:
+        raise UsageError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
+    for k in defaults:
+        if k not in given:
+            setattr(cfg, k, presets[name].get(k, defaults[k]))
+    cfg.preset = name
+    cfg.sources = {k: "flag" if k in given else "preset" if k in presets[name] else "default" for k in defaults}
     if cfg.batch_size % cfg.gpus:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly across --gpus {cfg.gpus}")
-    if cfg.use_cuda and cfg.gpus > torch.cuda.device_count():
+    if not cfg.cpu and torch.cuda.is_available() and cfg.gpus > torch.cuda.device_count():
         raise UsageError(f"--gpus {cfg.gpus} but only {torch.cuda.device_count()} CUDA devices")
     return cfg
+
+
+def print_config(cfg, prog):
+    """--print-config: every value, and whether the command, its preset or the file's default set it."""
+    print(f"{prog} --data {cfg.data} (preset {cfg.preset}); None: derived when the run starts")
+    for k, source in cfg.sources.items():
+        print(f"  {k:<20} {getattr(cfg, k)!r:<40} {source}")
 
 
 def out_dim(cfg):
@@ -192,12 +196,37 @@ def out_dim(cfg):
     return int(cfg.projector.split("-")[-1])
 
 
+class Config(argparse.Namespace):
+    """The configuration of a started run (see derive): read-only, so that nothing changes it."""
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"cfg.{name}: the configuration is fixed once the run starts")
+
+
+def derive(cfg, data, proc, prog):
+    """The one block that computes values, from cfg, the data and this process: the run's Config."""
+    # The cores this process may run on (what SLURM, cgroups or taskset allow), not the machine's.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = max(1, cores // proc.local_world)
+    cuda = proc.device.type == "cuda"
+    steps_per_epoch = len(data.pretrain) // cfg.batch_size
+    derived = dict(use_cuda=cuda, amp=cfg.amp or ("bf16" if cuda else "off"), threads=cfg.threads or per_process,
+                   workers=cfg.workers if cfg.workers is not None else (per_process - 1 if cuda else 0),
+                   output_dir=cfg.output_dir or os.path.join("runs", f"{prog.removesuffix('.py')}-{cfg.preset}"),
+                   steps_per_epoch=steps_per_epoch, labelled=data.classes > 0,
+                   total_steps=min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf))
+    if proc.is_main:
+        print(f"{prog}: derived " + " ".join(f"{k} {v}" for k, v in derived.items()), flush=True)
+    fixed = Config()
+    fixed.__dict__.update(vars(cfg), **derived)
+    return fixed
+
+
 # ============================================================================================
 # Photometric ops on a batch, one parameter per image
 # ============================================================================================
-# torchvision's formulas (the tests compare them with torchvision's functional ops image by
-# image), on float images in [0, 1] of any device. The recipe that draws the parameters is in
-# each method file (Augmentation, class Photometric).
+# Float images in [0, 1], any device; torchvision's formulas. The recipes that draw the parameters
+# are in the method files (Augmentation, class Photometric).
 
 def grayscale(x):
     """Luma (B, 3, H, W) -> (B, 1, H, W), torchvision's rgb_to_grayscale weights."""
@@ -206,8 +235,8 @@ def grayscale(x):
 
 
 def blend(x, y, f):
-    """f x + (1 - f) y clamped to [0, 1], one factor per image (torchvision's _blend): the
-    brightness (y = 0), contrast (y = mean luma) and saturation (y = luma) ops; f = 1 is x."""
+    """f x + (1 - f) y clamped to [0, 1] (torchvision's _blend): brightness (y = 0), contrast
+    (y = mean luma) and saturation (y = luma); f = 1 is x."""
     f = f[:, None, None, None]
     return (f * x + (1 - f) * y).clamp(0, 1)
 
@@ -230,24 +259,36 @@ JITTER = {"brightness": lambda x, f: blend(x, torch.zeros_like(x), f),
           "saturation": lambda x, f: blend(x, grayscale(x), f), "hue": hue}
 
 
-def gaussian_blur(x, sigma, taps):
-    """Blur image b with its own sigma[b]: torchvision's kernel (`taps` samples of exp(-t^2 / 2
-    sigma^2), normalised), separable, reflect padding. A sigma near 0 gives the identity."""
+def gaussian_blur(x, sigma, taps, padding="reflect"):
+    """Blur image b by sigma[b]: `taps` samples of exp(-t^2 / 2 sigma^2), normalised, separable;
+    reflect padding (torchvision) or "zeros" (TensorFlow's SAME). sigma near 0: the identity."""
     B, C, H, W = x.shape
     t = torch.arange(taps, device=x.device, dtype=x.dtype) - (taps - 1) / 2
     kernel = torch.softmax(-(t / sigma[:, None]) ** 2 / 2, dim=1).repeat_interleave(C, 0)   # (B C, taps)
-    y = F.pad(x.reshape(1, B * C, H, W), (taps // 2,) * 4, mode="reflect")
+    y = F.pad(x.reshape(1, B * C, H, W), (taps // 2,) * 4, mode="constant" if padding == "zeros" else padding)
     y = F.conv2d(y, kernel[:, None, None, :], groups=B * C)
     return F.conv2d(y, kernel[:, None, :, None], groups=B * C).reshape(B, C, H, W)
 
 
-def solarize(x, on):
-    """Invert the pixels at or above 128/255 (PIL's threshold 128) of the images with on[b]."""
-    return torch.where(on[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
+def solarize(x, on, threshold=128 / 255):
+    """Invert the pixels at or above `threshold` (PIL's 128) of the images with on[b]."""
+    return torch.where(on[:, None, None, None] & (x >= threshold), 1 - x, x)
+
+
+def draw_and_apply(photometric, crops, step, cfg, proc):
+    """The photometric half of each view of this process's uint8 crops, on its device. The choices
+    are drawn for the global batch, seeded by (seed, step, view), and each process takes its rows:
+    the views depend neither on the number of processes nor on a resume."""
+    views = []
+    for v, (p, x) in enumerate(zip(photometric, crops)):
+        draw = p.draw(cfg.batch_size, torch.Generator().manual_seed((cfg.seed * 2**40 + step * 2**8 + v) % 2**63))
+        rows = slice(proc.rank * len(x), (proc.rank + 1) * len(x))
+        views.append(to_device(p(x.to(proc.device, non_blocking=True), {k: t[rows] for k, t in draw.items()}), proc.device))
+    return views
 
 
 # ============================================================================================
-# Launching and distributed setup
+# Processes: launching, the process group, gathers
 # ============================================================================================
 # One code path for every way of starting a run:
 #   python x.py                     world size 1, no process group
@@ -256,10 +297,9 @@ def solarize(x, on):
 # CUDA runs use NCCL, CPU runs gloo (so `--gpus 2` on a CPU machine runs two CPU processes).
 
 def free_port():
-    """A TCP port that is free on this machine now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on this machine now (the OS picks it)."""
+    with socket.socket() as s:
+        return s.bind(("127.0.0.1", 0)) or s.getsockname()[1]
 
 
 def _child(local_rank, world_size, port, worker, cfg, prog):
@@ -271,82 +311,54 @@ def _child(local_rank, world_size, port, worker, cfg, prog):
 def launch(worker, cfg, prog):
     """Run `worker(cfg)` in this process (--gpus 1 or under torchrun) or in --gpus children. A
     stop signal the launcher gets goes on to every child, which stop together after a step."""
-    nprocs = cfg.gpus
-    if nprocs <= 1 or "RANK" in os.environ:
+    if cfg.gpus <= 1 or "RANK" in os.environ:
         worker(cfg)
         return
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_child, args=(r, nprocs, port, worker, cfg, prog)) for r in range(nprocs)]
+    port, ctx = free_port(), mp.get_context("spawn")
+    procs = [ctx.Process(target=_child, args=(r, cfg.gpus, port, worker, cfg, prog)) for r in range(cfg.gpus)]
     for p in procs:
         p.start()
     for s in STOP_SIGNALS:
         signal.signal(s, lambda signum, frame: [os.kill(p.pid, signum) for p in procs if p.is_alive()])
-    # Wait for all. After a failure, the others get a minute to end on their own (a stop signal
-    # ends them all); then they are killed, as they would block in a collective forever.
+    # After a failure the others get a minute to end (a stop signal ends all), then are killed.
     while any(p.exitcode is None for p in procs) and not any(p.exitcode for p in procs):
         time.sleep(0.2)
     deadline = time.time() + 60
     for p in procs:
         p.join(timeout=max(0.0, deadline - time.time()))
-        if p.is_alive():
-            p.kill()
-            p.join()
+        p.kill()   # a no-op for a process that has ended
     failed = next((p.exitcode for p in procs if p.exitcode), 0)
-    if failed:
-        sys.exit(failed if failed > 0 else 1)
+    sys.exit(failed if failed > 0 else 1 if failed else 0)
 
 
-class Dist:
-    """This process's place in the run: rank, world size and the device it computes on."""
+class ThisProcess:
+    """This process's place in the run: rank, world size, device, process group, stop requests."""
 
-    def __init__(self, use_cuda):
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-        if use_cuda:
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
-            # Every step has the same input sizes, so cuDNN may time its convolution algorithms
-            # once and keep the fastest (a choice of algorithm, not of arithmetic precision).
+    def __init__(self, cfg):
+        env = {k: int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        self.rank, self.world, self.local_rank = env["RANK"], env["WORLD_SIZE"] or 1, env["LOCAL_RANK"]
+        self.local_world, self.is_main = env["LOCAL_WORLD_SIZE"] or self.world, env["RANK"] == 0
+        cuda = torch.cuda.is_available() and not cfg.cpu
+        self.device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+            # Same input sizes every step: cuDNN may time its algorithms once (not a precision change).
             torch.backends.cudnn.benchmark = True
-        else:
-            self.device = torch.device("cpu")
-        self.cpu_group = None   # the default group, or a gloo one beside NCCL for host-side flags
-        if self.world > 1:
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None)
-            if use_cuda:
-                self.cpu_group = dist.new_group(backend="gloo")
-
-    @property
-    def is_main(self):
-        return self.rank == 0
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
+        # Host-side flags go through gloo: the default group, or one beside NCCL.
+        self.cpu_group = dist.new_group(backend="gloo") if self.world > 1 and cuda else None
+        self.stop = StopRequest()
 
     def close(self):
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def setup(cfg):
-    """This process's place in the run; sets its CPU threads and, if unset, the loader workers.
-    From here on a stop signal waits for the end of a training step (see StopRequest)."""
-    d = Dist(cfg.use_cuda)
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.local_world))
-    if cfg.workers is None:   # on CPU, loader workers compete with the training threads for cores
-        cfg.workers = max(1, (os.cpu_count() or 1) // d.local_world - 1) if cfg.use_cuda else 0
-    d.stop = StopRequest()
-    return d
-
-
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums the gradients of every rank and keeps this rank's slice.
-
-    Every rank computes the same loss on the same gathered batch, so each rank's copy of
-    dL/d(gathered) is identical; summing them gives world * dL/dz_local, and DDP's gradient
-    averaging divides by world again: the parameter gradient equals the single-process one.
-    """
+    """all_gather whose backward sums every rank's gradient and keeps this rank's slice. Every rank
+    computes the same loss on the same gathered batch, so the sum is world * dL/dz_local, which
+    DDP's averaging divides by world: the parameter gradient equals the single-process one."""
 
     @staticmethod
     def forward(ctx, x):
@@ -364,15 +376,13 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def gather_with_grad(x):
     """Concatenate x (N_local, ...) over ranks in rank order, keeping the autograd graph."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x)
+    return _GatherWithGrad.apply(x) if dist.is_available() and dist.is_initialized() else x
 
 
 def gather_shards(x, n):
     """Every rank's shard (see `shard`) of an n-row tensor, concatenated in rank order on every
     rank (evaluation features; no gradient). Shards are padded to one size for all_gather."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()):
         return x
     world, per = dist.get_world_size(), math.ceil(n / dist.get_world_size())
     padded = x.new_zeros((per, *x.shape[1:]))
@@ -386,89 +396,43 @@ def gather_shards(x, n):
 # Data: readers, image files, views, the sampler of global batches, loaders
 # ============================================================================================
 
-FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"   # Debian's dataset-fashion-mnist
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"   # Debian's dataset-fashion-mnist
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def need(path, what):
-    if not os.path.exists(path):
-        raise UsageError(f"{what} not found at {path}")
-    return path
-
-
-def read_idx(path):
-    """An MNIST-style idx file (optionally gzipped) as a numpy array."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+Datasets = collections.namedtuple("Datasets", "pretrain probe test classes")   # classes 0: unlabelled
 
 
 def read_fashion_mnist(root, train):
-    """Fashion-MNIST from its four idx .gz files; images come back as 1 x 28 x 28."""
-    prefix = "train" if train else "t10k"
-    x = read_idx(need(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), "Fashion-MNIST"))
-    y = read_idx(need(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), "Fashion-MNIST"))
-    return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
+    """Fashion-MNIST (N x 1 x 28 x 28 uint8, labels) from the idx .gz files of Debian's package
+    (torchvision reads only uncompressed ones): a 16-byte header before the images, 8 before labels."""
+    def idx(name, header):
+        path = os.path.join(root, f"{'train' if train else 't10k'}-{name}-ubyte.gz")
+        if not os.path.exists(path):
+            raise UsageError(f"Fashion-MNIST not found at {path}")
+        with gzip.open(path) as f:
+            return torch.from_numpy(np.frombuffer(f.read(), np.uint8, offset=header).copy())
+    return idx("images-idx3", 16).reshape(-1, 1, 28, 28), idx("labels-idx1", 8).long()
 
 
-def read_cifar(root, classes, train):
-    """CIFAR-10/100 from the python pickle batches (the layout torchvision downloads)."""
-    folder = need(os.path.join(root, "cifar-10-batches-py" if classes == 10 else "cifar-100-python"),
-                  f"CIFAR-{classes}")
-    if classes == 10:
-        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        key = b"labels"
-    else:
-        names, key = ["train" if train else "test"], b"fine_labels"
-    xs, ys = [], []
-    for name in names:
-        with open(need(os.path.join(folder, name), f"CIFAR-{classes}"), "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[key], dtype=np.int64))
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
-
-
-def read_stl10(root, split):
-    """STL-10 binary files; split is 'train', 'test' or 'unlabeled' (labels -1)."""
-    folder = need(os.path.join(root, "stl10_binary"), "STL-10")
-    x = np.fromfile(need(os.path.join(folder, f"{split}_X.bin"), "STL-10"), dtype=np.uint8)
-    x = x.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)  # stored column-major per channel
-    if split == "unlabeled":
-        y = np.full(len(x), -1, dtype=np.int64)
-    else:
-        y = np.fromfile(os.path.join(folder, f"{split}_y.bin"), dtype=np.uint8).astype(np.int64) - 1
-    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
-
-
-def download(name, root):
-    """Fetch a torchvision dataset into root (only with --download; never in tests)."""
+def torchvision_dataset(name, root, download):
+    """CIFAR-10/100 or STL-10 read (and with --download fetched) by torchvision, as in-memory
+    TensorImages: (pretraining, probe, test) sets, STL-10 pretraining on train + unlabeled."""
     tvd = torchvision.datasets
-    cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}[name]
-    splits = [{"split": "train+unlabeled"}, {"split": "test"}] if name == "stl10" else \
-        [{"train": True}, {"train": False}]
     try:
-        for split in splits:
-            cls(root, download=True, **split)
-    except Exception as e:   # no network, disk full, a bad archive: all end the run the same way
-        raise UsageError(f"downloading {name} into {root} failed ({type(e).__name__}: {e})") from None
+        if name == "stl10":
+            sets = [tvd.STL10(root, split=s, download=download) for s in ("train", "unlabeled", "test")]
+            train, unlabelled, test = (tensor_images(torch.from_numpy(s.data), torch.from_numpy(s.labels)) for s in sets)
+            return torch.utils.data.ConcatDataset([train, unlabelled]), train, test
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        sets = [cls(root, train=t, download=download) for t in (True, False)]
+    except (RuntimeError, OSError, ValueError) as e:   # missing or corrupt files, no network, disk full
+        raise UsageError(f"{name} not readable in {root} ({type(e).__name__}: {e})") from None
+    train, test = (tensor_images(torch.from_numpy(s.data).permute(0, 3, 1, 2), torch.tensor(s.targets)) for s in sets)
+    return train, train, test
 
 
-class TensorImages(torch.utils.data.Dataset):
-    """In-memory uint8 images (N, C, H, W) with labels; grey images are repeated to 3 channels."""
-
-    def __init__(self, images, labels):
-        self.images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-        self.targets = labels
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.targets[i])
+def tensor_images(images, labels):
+    """In-memory uint8 images (N, C, H, W) and labels; grey images are repeated to 3 channels."""
+    return torch.utils.data.TensorDataset(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images, labels)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -484,8 +448,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        for k in range(len(self.paths)):
-            j = (i + k) % len(self.paths)
+        for j in [(i + k) % len(self.paths) for k in range(len(self.paths))]:
             try:
                 with PIL.Image.open(self.paths[j]) as image:
                     return image.convert("RGB"), self.targets[j]
@@ -507,14 +470,15 @@ def image_files(root):
 def image_folder(root, skip_bad):
     """(train, val, number of classes) from root/train and root/val with one folder per class
     (torchvision's ImageFolder layout), or (all images under root, None, 0) without labels."""
+    if not os.path.exists(root):
+        raise UsageError(f"image folder not found at {root}")
     splits = [os.path.join(root, s) for s in ("train", "val")]
     if not all(os.path.isdir(s) for s in splits):
-        paths = image_files(need(root, "image folder"))
+        paths = image_files(root)
         if not paths:
             raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
         return ImageFiles(paths, [-1] * len(paths), skip_bad), None, 0
-    classes = sorted(e.name for e in os.scandir(splits[0]) if e.is_dir())
-    sets = []
+    classes, sets = sorted(e.name for e in os.scandir(splits[0]) if e.is_dir()), []
     for split in splits:
         pairs = [(p, k) for k, c in enumerate(classes) for p in image_files(os.path.join(split, c))]
         if not pairs:
@@ -523,13 +487,33 @@ def image_folder(root, skip_bad):
     return sets[0], sets[1], len(classes)
 
 
-class Views(torch.utils.data.Dataset):
-    """Applies each transform to an image; items are (index, seed) pairs from the sampler.
+def load_datasets(cfg, presets):
+    """Datasets(pretrain, probe, test, classes) for cfg.data: a preset's dataset, or a folder
+    (class folders under train/ and val/, or any images without labels: classes 0)."""
+    root = cfg.data_dir or "data"
+    try:
+        if cfg.data == "synthetic":
+            train, test = (tensor_images(*synthetic.make(n, cfg.image_size, seed=cfg.seed + i))
+                           for i, n in enumerate((cfg.synthetic_train, cfg.synthetic_test)))
+            return Datasets(train, train, test, len(synthetic.CLASSES))
+        if cfg.data == "fashionmnist":
+            train, test = (tensor_images(*read_fashion_mnist(cfg.data_dir or FASHION_MNIST_DIR, t)) for t in (1, 0))
+            return Datasets(train, train, test, 10)
+        if cfg.data in ("cifar10", "cifar100", "stl10"):
+            return Datasets(*torchvision_dataset(cfg.data, root, cfg.download), 100 if cfg.data == "cifar100" else 10)
+        # A folder: --data DIR, or a preset of one (imagenet, ...) with --data-dir DIR.
+        train, test, classes = image_folder(root if cfg.data in presets else cfg.data, cfg.skip_bad_images)
+        return Datasets(train, train if classes else None, test, classes)
+    except UsageError as e:
+        hint = {"fashionmnist": "pass --data-dir DIR with its idx .gz files, or apt-get install dataset-fashion-mnist"
+                }.get(cfg.data, "pass --data-dir DIR or --download" if cfg.data in presets else
+                      "pass --data DIR holding train/ and val/ class folders, or a folder of images")
+        raise UsageError(f"{e}; {hint}") from None
 
-    The seed fixes the augmentation of this item (a forked RNG, so the global one is untouched):
-    the same step gets the same views whatever the number of workers, and a resumed run
-    continues with exactly the views the uninterrupted run would have drawn.
-    """
+
+class Views(torch.utils.data.Dataset):
+    """Each transform applied to the image of an (index, seed) item. The seed fixes its views (a
+    forked RNG), whatever the number of workers, also after a resume."""
 
     def __init__(self, base, transforms):
         self.base, self.transforms = base, transforms
@@ -545,68 +529,19 @@ class Views(torch.utils.data.Dataset):
             return [t(image) for t in self.transforms], label
 
 
-def load_datasets(cfg):
-    """(pretraining set, probe training set, test set, number of classes) for cfg.data. A folder
-    without train/ and val/ is read as unlabelled images: no probe set, no test set, 0 classes,
-    and the label-based evaluation is switched off (cfg.unlabelled holds the number of images)."""
-    if cfg.download and cfg.data in ("cifar10", "cifar100", "stl10"):
-        download(cfg.data, cfg.data_dir or "data")
-    try:
-        data = _read_dataset(cfg)
-    except UsageError as e:
-        hint = {"fashionmnist": "pass --data-dir DIR with its idx .gz files, or apt-get install "
-                                "dataset-fashion-mnist",
-                "cifar10": "pass --data-dir DIR or --download", "cifar100": "pass --data-dir DIR or --download",
-                "stl10": "pass --data-dir DIR or --download"}
-        raise UsageError(f"{e}; " + hint.get(cfg.data, "pass --data DIR holding train/ and val/ class folders, "
-                                                       "or a folder of images")) from None
-    cfg.unlabelled = 0 if data[3] else len(data[0])
-    if cfg.unlabelled:
-        cfg.knn_every, cfg.probe, cfg.baseline = 0, "none", False
-    return data
-
-
-def _read_dataset(cfg):
-    if cfg.data == "synthetic":
-        train, test = (TensorImages(*make_synthetic(n, cfg.image_size, seed=cfg.seed + i))
-                       for i, n in enumerate((cfg.synthetic_train, cfg.synthetic_test)))
-        return train, train, test, len(SYNTHETIC_CLASSES)
-    if cfg.data == "fashionmnist":
-        root = cfg.data_dir or FASHION_MNIST_SYSTEM_DIR
-        train, test = (TensorImages(*read_fashion_mnist(root, t)) for t in (True, False))
-        return train, train, test, 10
-    root = cfg.data_dir or "data"
-    if cfg.data in ("cifar10", "cifar100"):
-        classes = int(cfg.data[5:])
-        train, test = (TensorImages(*read_cifar(root, classes, t)) for t in (True, False))
-        return train, train, test, classes
-    if cfg.data == "stl10":   # pretraining on train + unlabeled, probing on train
-        labelled, test, unlabelled = (TensorImages(*read_stl10(root, s)) for s in ("train", "test", "unlabeled"))
-        return torch.utils.data.ConcatDataset([labelled, unlabelled]), labelled, test, 10
-    train, test, classes = image_folder(root, cfg.skip_bad_images)
-    return train, (train if classes else None), test, classes
-
-
 class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's share of each global batch, as (dataset index, augmentation seed) pairs.
-
-    Why not DistributedSampler: it deals indices round-robin (rank r gets perm[r::W]), so the set
-    of images in a global batch depends on the world size, and a run can only resume at an epoch
-    boundary. Here epoch e's order is one permutation drawn from (seed, e); global batch b is
-    perm[b*B:(b+1)*B] and rank r takes the r-th contiguous slice of it. After the all-gather
-    (rank order) every rank holds exactly the batch a single process would see, and a resume
-    starts at any step by skipping whole batches without loading them. Each item also carries
-    its own augmentation seed, so the views do not depend on the number of loader workers.
-    `drop_last` is always on: the last incomplete global batch is dropped.
-    """
+    """This rank's share of each global batch, as (index, augmentation seed) pairs. Not
+    DistributedSampler, which deals perm[r::W] (a batch then depends on the world size; resume
+    only at an epoch's start): epoch e is one permutation from (seed, e), batch b is
+    perm[b*B:(b+1)*B], rank r takes its r-th contiguous slice, so the all-gather rebuilds the
+    single-process batch and a resume skips whole batches unread. The last partial batch drops."""
 
     def __init__(self, n, global_batch, rank=0, world=1, seed=0):
         if global_batch % world:
             raise UsageError(f"--batch-size {global_batch} does not split across {world} processes")
         if n < global_batch:
             raise UsageError(f"the dataset has {n} images, fewer than one batch of {global_batch}")
-        self.n, self.B, self.rank, self.world = n, global_batch, rank, world
-        self.seed = seed
+        self.n, self.B, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch, start_batch=0):
@@ -631,6 +566,12 @@ def shard(n, rank, world):
     return range(rank * per, min(n, (rank + 1) * per))
 
 
+def fixed_subset(n, k, seed=0):
+    """k of range(n) drawn by a seed, sorted: the same on every rank and call (not the first k: an
+    image folder is sorted by class)."""
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+
+
 def _quiet_worker(worker_id):
     """Loader workers leave stop signals to the training process (a Ctrl-C reaches them too)."""
     for s in STOP_SIGNALS:
@@ -643,220 +584,97 @@ def make_loader(dataset, batch_sampler, cfg):
                                        worker_init_fn=_quiet_worker)
 
 
-def eval_loader(base, transform, cfg, rank=0, world=1, batch=256):
-    """This rank's contiguous shard of `base` (all of it by default), in order, with a fixed transform."""
-    idx = list(shard(len(base), rank, world))
-    batches = [[(i, 0) for i in idx[j:j + batch]] for j in range(0, len(idx), batch)]
-    return make_loader(Views(base, [transform]), batches, cfg)
-
-
-def to_device(x, cfg, d):
-    """A batch of images on this process's device, channels_last on CUDA (faster convolutions)."""
-    x = x.to(d.device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if cfg.use_cuda else x
-
-
-def augment(photometric, crops, step, cfg, d):
-    """The photometric half of each view for this process's uint8 crops, on the device. The random
-    choices are drawn for the whole global batch from a generator seeded by (seed, step, view), and
-    each process takes its own rows: a step's views do not depend on the number of processes, and
-    a resumed run draws what the uninterrupted one would have."""
-    views = []
-    for v, (p, x) in enumerate(zip(photometric, crops)):
-        draw = p.draw(cfg.batch_size, torch.Generator().manual_seed((cfg.seed * 2**40 + step * 2**8 + v) % 2**63))
-        rows = slice(d.rank * len(x), (d.rank + 1) * len(x))
-        views.append(to_device(p(x.to(d.device, non_blocking=True), {k: t[rows] for k, t in draw.items()}), cfg, d))
-    return views
+def to_device(x, device):
+    """A batch of images on `device`, channels_last on CUDA (faster convolutions)."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
 # ============================================================================================
-# A training run: resume, logs, the NaN check, checkpoints, stop signals
+# Checkpoints, stop signals, logging
 # ============================================================================================
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, checkpointed, step, done, cfg, proc):
+    """{name: object} saved as state_dicts with the step, `done` (epochs whose monitor ran), the RNG
+    state and what a resume must match; by the main process, all waiting until it is in place."""
+    if proc.is_main:
+        atomic_save({**{k: v.state_dict() for k, v in checkpointed.items()}, "step": step, "done": done,
+                     "rng": torch.get_rng_state(), "batch_size": cfg.batch_size, "preset": cfg.preset}, path)
+    if proc.world > 1:
+        dist.barrier(group=proc.cpu_group)
+
+
+def restore_checkpoint(path, checkpointed, cfg):
+    """Load path, if it exists, into the objects; returns (step, done), (0, 0) without it."""
+    if not os.path.exists(path):
+        return 0, 0
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and size errors all mean the same thing to the user
+        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}); "
+                         "move it away or choose another --output-dir") from None
+    if (ckpt.get("batch_size"), ckpt.get("preset")) != (cfg.batch_size, cfg.preset):
+        raise UsageError(f"{path} was written with --batch-size {ckpt.get('batch_size')} and preset "
+                         f"{ckpt.get('preset')}; resume with the same or choose another --output-dir")
+    try:
+        for k, v in checkpointed.items():
+            v.load_state_dict(ckpt[k])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UsageError(f"{path} does not match this model ({type(e).__name__}); "
+                         "choose another --output-dir") from None
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["step"], ckpt["done"]
+
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
-    """SIGTERM, SIGUSR1 (a scheduler's warning) and Ctrl-C ask the run to stop after the current
-    training step, with a checkpoint of that step. Outside training, or at a second signal, the
-    run stops at once (the same signal delivered twice within a second counts once: a launcher
-    forwards what its children may also get)."""
+    """SIGTERM, SIGUSR1 (a scheduler's warning), Ctrl-C. While `defer` is set (training) a signal is
+    a request, which the loop honours with a checkpoint; else, or at a second signal, the run stops
+    at once (the same one twice within a second counts once: a launcher forwards it too)."""
 
     def __init__(self):
-        self.name, self.at, self.training = None, 0.0, False
+        self.name, self.at, self.defer = None, 0.0, False
         for s in STOP_SIGNALS:
             signal.signal(s, self._handle)
 
+    def allow(self):
+        """From here on a signal stops at once, as does one that came since the last agreement."""
+        self.defer = False
+        if self.name:
+            raise KeyboardInterrupt
+
     def _handle(self, signum, frame):
-        if not self.training or (self.name is not None and time.monotonic() - self.at > 1):
+        if not self.defer or (self.name is not None and time.monotonic() - self.at > 1):
             raise KeyboardInterrupt
         if self.name is None:
             self.name, self.at = signal.Signals(signum).name, time.monotonic()
 
 
-def autocast(cfg):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, torch.float32)
-    return torch.autocast("cuda" if cfg.use_cuda else "cpu", dtype=dtype, enabled=cfg.amp != "off")
-
-
-def versions():
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__,
-            "cuda": torch.version.cuda, "platform": platform.platform()}
-
-
-class Logger:
-    """Prints on rank 0 and appends JSON records to <output_dir>/metrics.jsonl."""
-
-    def __init__(self, output_dir, is_main):
-        self.is_main = is_main
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-
-    def print(self, *a):
-        if self.is_main:
-            print(*a, flush=True)
-
-    def record(self, **rec):
-        if self.is_main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"time": time.time(), **rec}) + "\n")
-
-
-def config_dict(cfg):
-    return {k: v for k, v in sorted(vars(cfg).items()) if isinstance(v, (int, float, str, bool, list, tuple))
-            or v is None}
-
-
-def format_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class Run:
-    """The bookkeeping of a training run, around the loop of a method file: resume from the
-    checkpoint of output_dir, logs, the NaN check, throughput, checkpoints (each epoch's end,
-    every --save-every minutes, and at a stop signal, all processes stopping at the same step),
-    and a warning when the embedding collapses."""
-
-    def __init__(self, cfg, d, prog, own_presets, parts, collapsed=None):
-        self.cfg, self.d, self.parts, self.collapsed = cfg, d, parts, collapsed
-        self.ckpt = os.path.join(cfg.output_dir, "checkpoint.pt")
-        self.step = restore_checkpoint(self.ckpt, parts, cfg)   # before anything is written
-        self.total = min(cfg.epochs * cfg.steps_per_epoch, math.inf if cfg.max_steps is None else cfg.max_steps)
-        self.pending = []   # the logs (device tensors) of the steps since the last read
-        self.warned, self.saved_at = False, time.time()
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        self.log = Logger(cfg.output_dir, d.is_main)
-        self.log.record(event="start", argv=sys.argv, config=config_dict(cfg), versions=versions(),
-                        world_size=d.world, resumed_from_step=self.step)
-        self.log.print(f"{prog}: world size {d.world}, device {d.device}, {cfg.steps_per_epoch} steps/epoch, "
-                       f"{self.total} steps" + (f", resuming at step {self.step}" if self.step else ""))
-        self.log.print("config: " + json.dumps(config_dict(cfg)))
-        if cfg.preset in own_presets:
-            self.log.print(f"note: preset '{cfg.preset}' is the project's own (small, untuned), not the paper's")
-        if getattr(cfg, "unlabelled", 0):
-            self.log.print(f"note: {cfg.data} has no train/ and val/ class folders: pretraining on its "
-                           f"{cfg.unlabelled} images without labels; kNN and probes are skipped, the "
-                           "effective ranks are the monitor")
-
-    def steps(self, loader, sampler, on_epoch):
-        """Yield (step, batch) from the step the run stands at to the last; the caller appends
-        each step's logs to self.pending. After each epoch: read the logs (a NaN stops the run
-        before it is saved), save a checkpoint, call on_epoch(epochs done), which returns the
-        epoch's record."""
-        cfg, start = self.cfg, time.time()
-        images, waited = 0, 0.0
-        self.d.stop.training = True
-        self.skipped = getattr(getattr(loader.dataset, "base", None), "skipped", None)   # unreadable images
-        while self.step < self.total:
-            epoch, first = divmod(self.step, cfg.steps_per_epoch)
-            sampler.set_epoch(epoch, first)
-            asked = time.time()
-            for batch, _ in self._batches(loader):
-                waited += time.time() - asked   # blocked on the loader: a data bottleneck shows here
-                yield self.step, batch
-                self.step, images = self.step + 1, images + cfg.batch_size
-                if self.step % cfg.log_every == 0 or self.step == self.total:
-                    self._report(epoch, images / (time.time() - start), waited / (time.time() - start))
-                    start, images, waited = time.time(), 0, 0.0
-                stop, save = self._agreed_flags()
-                if stop or save:
-                    self._save()
-                if stop:
-                    raise Stopped(f"{stop} at step {self.step}, saved in {self.ckpt}; run the same command "
-                                  "again to resume", stop)
-                if self.step == self.total:
-                    break
-                asked = time.time()
-            self._save()
-            if self.step % cfg.steps_per_epoch == 0:
-                self.d.stop.training = False    # the step is saved: during the monitor a signal stops at once
-                self._check_rank(on_epoch(self.step // cfg.steps_per_epoch))
-                self.d.stop.training = True
-        self.d.stop.training = False
-        self.log.print(f"pretraining done: {self.step} steps")
-
-    def _batches(self, loader):
-        """The loader's batches. An unreadable image stops the run; in one process, the steps
-        done before it are saved first (processes read different images: no common step)."""
-        try:
-            yield from loader
-        except BadImage as e:
-            if self.d.world > 1:
-                raise
-            self._save()
-            raise BadImage(f"{e} (progress saved at step {self.step})") from None
-
-    def _agreed_flags(self):
-        """(the stop signal's name or None, whether --save-every minutes have passed), the same
-        on every process: each process's flags reduced by a host-side collective."""
-        name = self.d.stop.name
-        flags = torch.tensor([signal.Signals[name].value if name else 0,
-                              time.time() - self.saved_at > 60 * self.cfg.save_every])
-        if self.d.world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.d.cpu_group)
-        return (signal.Signals(int(flags[0])).name if flags[0] else None), bool(flags[1])
-
-    def _save(self):
-        """A checkpoint of the step the run stands at, after the NaN check; then all processes
-        wait for it to be written."""
-        read_logs(self.pending, self.step, self.ckpt)
-        if self.d.is_main:
-            save_checkpoint(self.ckpt, self.parts, self.step, self.cfg)
-        if self.d.world > 1:
-            dist.barrier(group=self.d.cpu_group)
-        self.saved_at = time.time()
-
-    def _report(self, epoch, rate, wait):
-        logs, lr, cfg = read_logs(self.pending, self.step, self.ckpt), self.parts["optimizer"].param_groups[0]["lr"], \
-            self.cfg
-        self._warn(self.collapsed and self.collapsed(logs, cfg))
-        if self.skipped is not None and self.skipped.value:
-            logs["skipped_images"] = self.skipped.value
-        parts = " ".join(f"{k} {v:.5g}" for k, v in logs.items())
-        self.log.print(f"ep {epoch + 1}/{cfg.epochs} step {self.step}/{self.total} {parts} lr {lr:.4g} "
-                       f"{rate:.1f} img/s data wait {100 * wait:.0f}% "
-                       f"ETA {format_time((self.total - self.step) * cfg.batch_size / rate)}")
-        self.log.record(event="train", epoch=epoch + 1, step=self.step, lr=lr, img_per_s=rate, data_wait=wait,
-                        **logs)
-
-    def _check_rank(self, record):
-        if record and record.get("rank_embedding", math.inf) < 1.5:
-            self._warn(f"effective rank of the embedding {record['rank_embedding']:.3g}")
-
-    def _warn(self, reason):
-        """One line, once per run, when the embedding looks collapsed, with what to try."""
-        if reason and not self.warned:
-            self.warned = True
-            self.log.print(f"warning: the embedding looks collapsed at step {self.step} ({reason}); try a "
-                           "lower --lr or a longer --warmup-epochs")
-            self.log.record(event="collapse", step=self.step, reason=reason)
+def agree(proc, save_due):
+    """(the stop signal's name or None, whether to save), the same on every process (one all_reduce)."""
+    name = proc.stop.name
+    flags = torch.tensor([signal.Signals[name].value if name else 0, save_due])
+    if proc.world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=proc.cpu_group)
+    return (signal.Signals(int(flags[0])).name if flags[0] else None), bool(flags[1])
 
 
 def read_logs(pending, step, ckpt_path):
-    """The logs of the last step, reading those of every step since the last call (`pending`,
-    device tensors; emptied) in one host sync. Raises at the first non-finite loss: its step and
-    the ones after it have not been saved, so the last checkpoint is good."""
+    """The last step's logs, reading the `pending` ones (device tensors; emptied) in one host sync.
+    Raises at the first non-finite loss: no step from it on is saved, the last checkpoint is good."""
     if not pending:
         return {}
     rows = torch.stack([torch.stack([v.double() for v in logs.values()]) for logs in pending]).tolist()
@@ -870,55 +688,93 @@ def read_logs(pending, step, ckpt_path):
     return logs
 
 
-# ============================================================================================
-# Checkpoint I/O
-# ============================================================================================
+class Logger:
+    """Prints on rank 0, appends JSON records to <output_dir>/metrics.jsonl, times the loader and
+    warns once of a collapse."""
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash mid-write never
-    leaves a half-written checkpoint in place of a good one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    def __init__(self, cfg, proc, data):
+        self.cfg, self.is_main, self.warned = cfg, proc.is_main, False
+        self.path, self.skipped = os.path.join(cfg.output_dir, "metrics.jsonl"), getattr(data.pretrain, "skipped", None)
+        self.since, self.steps, self.waited = time.time(), 0, 0.0   # since the last train line
+        os.makedirs(cfg.output_dir, exist_ok=True)
+
+    def timed(self, loader):
+        """The loader's batches, adding up the time spent waiting for them."""
+        asked = time.time()
+        for batch in loader:
+            self.waited += time.time() - asked
+            yield batch
+            self.steps, asked = self.steps + 1, time.time()
+
+    def print(self, *a, **kw):
+        if self.is_main:
+            print(*a, **kw, flush=True)
+
+    def record(self, **rec):
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": time.time(), **rec}) + "\n")
+
+    def start(self, prog, step, world, own_preset, images):
+        cfg = self.cfg
+        notes = [own_preset and f"preset '{cfg.preset}' is the project's own (small), not a paper's", not cfg.labelled
+                 and f"{cfg.data} has no train/ and val/ class folders: pretraining on its {images} images without "
+                 "labels; kNN and probes are skipped, the effective ranks are the monitor"]
+        self.record(event="start", argv=sys.argv, world_size=world, resumed_from_step=step, versions=dict(
+            python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+            torchvision=torchvision.__version__, platform=platform.platform()), config={
+            k: v for k, v in sorted(vars(cfg).items()) if isinstance(v, (int, float, str, bool, tuple, type(None)))})
+        self.print(f"{prog}: world size {world}, {cfg.steps_per_epoch} steps/epoch, {cfg.total_steps} steps"
+                   + (f", resuming at step {step}" if step else ""), *(f"\nnote: {n}" for n in notes if n), sep="")
+
+    def train(self, epoch, step, logs, lr, collapse):
+        """One line and one record of the step's logs, throughput and ETA; warns on a collapse."""
+        cfg, elapsed = self.cfg, time.time() - self.since
+        per_step, wait = elapsed / max(self.steps, 1), self.waited / elapsed
+        self.since, self.steps, self.waited, rate = time.time(), 0, 0.0, cfg.batch_size / per_step
+        self.warn(collapse, step)
+        if self.skipped is not None and self.skipped.value:
+            logs["skipped_images"] = self.skipped.value
+        eta = datetime.timedelta(seconds=int((cfg.total_steps - step) * per_step))
+        self.print(f"ep {epoch + 1}/{cfg.epochs} step {step}/{cfg.total_steps} " + " ".join(
+            f"{k} {v:.5g}" for k, v in logs.items()) + f" lr {lr:.4g} {rate:.1f} img/s data wait {100 * wait:.0f}% ETA {eta}")
+        self.record(event="train", epoch=epoch + 1, step=step, lr=lr, img_per_s=rate, data_wait=wait, **logs)
+
+    def epoch(self, epoch, step, record):
+        """The epoch's diagnostics; warns when the embedding's effective rank says it collapsed."""
+        self.print(f"  epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
+        self.record(event="epoch", epoch=epoch, **record)
+        if record.get("rank_embedding", math.inf) < 1.5:
+            self.warn(f"effective rank of the embedding {record['rank_embedding']:.3g}", step)
+
+    def warn(self, reason, step):
+        """One line, once per run, when the embedding looks collapsed, with what to try."""
+        if reason and not self.warned:
+            self.warned = True
+            self.print(f"warning: the embedding looks collapsed at step {step} ({reason}); try a "
+                       "lower --lr or a longer --warmup-epochs")
+            self.record(event="collapse", step=step, reason=reason)
+
+    def probes(self, protocol, results):
+        """The final probe's accuracies, {backbone name: {metric: value}}."""
+        label = {"linear": "linear probe (paper protocol)", "cached": "cached-feature probe (fast, no aug)"}[protocol]
+        for name, acc in results.items():
+            self.print(f"{label}, {name} backbone: " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+        self.record(event="probe", protocol=protocol, **results)
 
 
-def load_checkpoint(path):
-    """Load a checkpoint with weights_only=True; a file that cannot be read is a UsageError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and size errors all mean the same thing to the user
-        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}); "
-                         "move it away or choose another --output-dir") from None
+def autocast(cfg):
+    dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16   # unused when off
+    return torch.autocast("cuda" if cfg.use_cuda else "cpu", dtype=dtype, enabled=cfg.amp != "off")
 
 
-def save_checkpoint(path, parts, step, cfg):
-    """parts: {"model": module, ...}; each saved as its state_dict, with the step, the RNG state
-    and what a resume must match."""
-    atomic_save({**{k: v.state_dict() for k, v in parts.items()}, "step": step, "rng": torch.get_rng_state(),
-                 "batch_size": cfg.batch_size, "preset": cfg.preset}, path)
-
-
-def restore_checkpoint(path, parts, cfg):
-    """Load path into parts if it exists (before anything is written: a bad checkpoint loses
-    nothing); returns the step to continue from (0 without a checkpoint)."""
-    if not os.path.exists(path):
-        return 0
-    ckpt = load_checkpoint(path)
-    if (ckpt.get("batch_size"), ckpt.get("preset")) != (cfg.batch_size, cfg.preset):
-        raise UsageError(f"{path} was written with --batch-size {ckpt.get('batch_size')} and preset "
-                         f"{ckpt.get('preset')}; resume with the same or choose another --output-dir")
-    try:
-        for k, v in parts.items():
-            v.load_state_dict(ckpt[k])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise UsageError(f"{path} does not match this model ({type(e).__name__}); "
-                         "choose another --output-dir") from None
-    torch.set_rng_state(ckpt["rng"])
-    return ckpt["step"]
+def float32_head(mlp, h, eps=None):
+    """mlp(h), its last layer in float32 with autocast off, then (eps given) L2-normalised: a loss
+    gets float32 embeddings whatever the autocast (bf16's 3 digits are too few for log-dets)."""
+    h = mlp[:-1](h)
+    with torch.autocast(h.device.type, enabled=False):
+        z = mlp[-1](h.float())
+        return z if eps is None else F.normalize(z, dim=1, eps=eps)
 
 
 # ============================================================================================
@@ -926,19 +782,22 @@ def restore_checkpoint(path, parts, cfg):
 # ============================================================================================
 
 @torch.no_grad()
-def extract(backbone, base, transform, cfg, d):
-    """Backbone features (eval mode) and labels of the whole of `base`, on every rank."""
+def extract(backbone, base, transform, cfg, proc, batch=256):
+    """Features (eval mode) and labels of all of `base` on every rank, each computing its shard."""
     was_training = backbone.training
     backbone.eval()
-    feats, labels = [], []
-    for (x,), y in eval_loader(base, transform, cfg, d.rank, d.world):
+    idx = list(shard(len(base), proc.rank, proc.world))
+    loader = make_loader(Views(base, [transform]), [[(i, 0) for i in idx[j:j + batch]]
+                                                    for j in range(0, len(idx), batch)], cfg)
+    # A rank without a shard still sends (0, F) features to the all-gather: an empty batch's.
+    feats = [backbone(torch.zeros(0, 3, cfg.image_size, cfg.image_size, device=proc.device)).float()]
+    labels = [torch.zeros(0, dtype=torch.long, device=proc.device)]
+    for (x,), y in loader:
         with autocast(cfg):
-            feats.append(backbone(to_device(x, cfg, d)).float())
-        labels.append(y.to(d.device))
+            feats.append(backbone(to_device(x, proc.device)).float())
+        labels.append(y.to(proc.device))
     backbone.train(was_training)
-    feats = torch.cat(feats) if feats else torch.empty(0, 0, device=d.device)   # a rank with no shard
-    labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=d.device)
-    return gather_shards(feats, len(base)), gather_shards(labels, len(base))
+    return gather_shards(torch.cat(feats), len(base)), gather_shards(torch.cat(labels), len(base))
 
 
 def topk(logits, y, ks=(1, 5)):
@@ -948,78 +807,8 @@ def topk(logits, y, ks=(1, 5)):
 
 
 def rankme(x, eps=1e-7):
-    """Effective rank of a batch of embeddings x (N, D) (RankMe, Garrido et al., ICML 2023): exp of
-    the entropy of its singular values normalised to sum 1; 1 for a collapsed embedding."""
+    """RankMe (Garrido et al., ICML 2023) of x (N, D): exp of the entropy of its singular values
+    normalised to sum 1; 1 for a collapsed embedding."""
     sigma = torch.linalg.svdvals(x.double())
     p = sigma / sigma.sum() + eps
     return (-(p * p.log()).sum()).exp().item()
-
-
-def log_epoch(log, epoch, record):
-    """Print and record an epoch's diagnostics; returns them."""
-    log.print(f"  epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
-    log.record(event="epoch", epoch=epoch, **record)
-    return record
-
-
-def report_probes(log, protocol, results):
-    """Print and record the final probe's accuracies, {backbone name: {metric: value}}."""
-    label = {"linear": "linear probe (paper protocol)", "cached": "cached-feature probe (fast, no aug)"}[protocol]
-    for name, acc in results.items():
-        log.print(f"{label}, {name} backbone: " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
-    log.record(event="probe", protocol=protocol, **results)
-
-
-# ============================================================================================
-# Synthetic dataset: class-structured images made in memory (no download)
-# ============================================================================================
-# Ten pattern classes that fill the image (stripes, checks, dots, rings, ...), each drawn with a
-# random period, phase and small rotation, in two random grey levels under a random tint, with a
-# little pixel noise. Brightness, contrast and tint are nuisances shared by all classes; the
-# pattern survives random crops and horizontal flips (no class is the mirror image of another),
-# so the augmentations of the recipe keep the class while changing the nuisances. That is the
-# situation self-supervised learning is built for, and it makes learning visible within minutes
-# of CPU training. Features of a random network mostly follow the nuisances, so the
-# random-initialisation baseline stays low.
-
-SYNTHETIC_CLASSES = ("h-stripes", "v-stripes", "checker", "dots", "rings", "grid", "cross-hatch",
-                     "diamonds", "waves", "blobs")
-
-
-def _pattern_masks(size, n, rng):
-    """Boolean masks (n, 10, size, size): one drawing of every class for each of n draws."""
-    yy, xx = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64), indexing="ij")
-    period = rng.uniform(3.0, 5.0, (n, 1, 1))
-    theta = rng.uniform(-0.3, 0.3, (n, 1, 1))            # small: orientation defines some classes
-    u = (np.cos(theta) * xx + np.sin(theta) * yy) / period + rng.uniform(0, 1, (n, 1, 1))
-    v = (-np.sin(theta) * xx + np.cos(theta) * yy) / period + rng.uniform(0, 1, (n, 1, 1))
-    fu, fv = u % 1, v % 1
-    centre = rng.uniform(0, size, (n, 2, 1, 1))
-    r = np.hypot(xx - centre[:, 0], yy - centre[:, 1]) / period
-    # Blobs: a random 4x4 field, bilinearly upsampled, thresholded at zero.
-    coarse = torch.from_numpy(rng.normal(size=(n, 1, 4, 4)))
-    field = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear",
-                                            align_corners=False)[:, 0].numpy()
-    masks = [fv < 0.5, fu < 0.5, (np.floor(u) + np.floor(v)) % 2 == 0,
-             (fu - 0.5) ** 2 + (fv - 0.5) ** 2 < 0.09, r % 1 < 0.5, (fu < 0.3) | (fv < 0.3),
-             ((u + v) % 1 < 0.3) | ((u - v) % 1 < 0.3), np.abs(fu - 0.5) + np.abs(fv - 0.5) < 0.3,
-             (v + 0.35 * np.sin(2 * np.pi * u / 2)) % 1 < 0.5, field > 0]
-    return np.stack(masks, axis=1)
-
-
-def make_synthetic(n, size=32, seed=0):
-    """n images (uint8, n x 3 x size x size) and balanced labels, deterministic for a seed."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % len(SYNTHETIC_CLASSES)
-    rng.shuffle(labels)
-    images = np.empty((n, 3, size, size), dtype=np.uint8)
-    for lo in range(0, n, 512):                                   # chunks bound the memory
-        k = min(512, n - lo)
-        mask = _pattern_masks(size, k, rng)[np.arange(k), labels[lo:lo + k]][:, None]
-        # Two random grey levels under a mild random tint: brightness, contrast and a little
-        # colour, the nuisances that the recipe's colour jitter varies between views.
-        tint = rng.uniform(0.6, 1.0, (k, 3, 1, 1))
-        fg, bg = rng.uniform(0, 1, (k, 1, 1, 1)) * tint, rng.uniform(0, 1, (k, 1, 1, 1)) * tint
-        img = np.where(mask, fg, bg) + rng.normal(0, 0.03, (k, 3, size, size))
-        images[lo:lo + k] = np.clip(img * 255, 0, 255).astype(np.uint8)
-    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))

@@ -6,12 +6,10 @@ Official github.com/serdarozsoy/corinfomax-ssl @ c0b917e (read, not copied). doc
          gives the reasons for every difference below.
 
 THE IDEA
-    Two augmented views of an image go through one network to L2-normalised embeddings z1, z2.
-    The loss keeps the views close (a mean squared distance) and, against collapse, maximises the
-    log-determinant of each view's covariance, which is -inf for a collapsed (low-rank) embedding
-    and grows as it spreads over all D directions: a first-order approximation of the log-det
-    mutual information between the views (the paper's Eq. 3). The covariances are running
-    estimates (moving averages across batches), so small batches can estimate a D x D covariance.
+    Two views of an image go through one network to L2-normalised embeddings z1, z2. The loss keeps
+    them close (a mean squared distance) and, against collapse, maximises the log-det of each view's
+    covariance (-inf when collapsed): to first order the log-det mutual information of the views
+    (Eq. 3). Running covariances (moving averages) let small batches estimate D x D ones.
 
 EQUATION MAP (official code names; the steps are numbered in CorInfoMaxLoss)
     running mean      mu_b' = la_mu mu_b + (1 - la_mu) mean(z_b)                    step 1
@@ -26,15 +24,17 @@ EQUATION MAP (official code names; the steps are numbered in CorInfoMaxLoss)
 
 DIFFERENCES FROM THE OFFICIAL CODE ([choice]: ours where it is silent)
     1. R_b, mu_b are float64 buffers saved in checkpoints (the official resume resets them).
-    2. bf16 autocast on CUDA by default (official: fp16 on ImageNet-1k only); the loss outside it.
+    2. bf16 autocast on CUDA by default (official: fp16 on ImageNet-1k only); the projector's last
+       layer, the normalisation and the loss in float32 outside it.
     3. A kNN monitor instead of the official IN-100 script's online probe.
     4. [choice] Colour jitter, grayscale, blur and solarize batched on the training device, in
-       float (official: PIL per image in the loader).
+       float, torchvision's formulas (official: torchvision's ops on PIL images in the loader).
     5. [choice] Global batches the same whatever the world size; exact mid-epoch resume.
     6. [choice] Presets stl10, fashionmnist, synthetic; the short ones step the LR per step.
-    7. [choice] A cached-feature probe for short runs; the linear probe reports last and best top-1.
-    8. [choice] A 13-tap blur (PIL's blur has no size); weight decay on every parameter.
-    Switches: --center-with previous, --lr-per-step, --amp, --no-normalize.
+    7. The linear probe of cifars-tiny/main_linear.py l. 24, 47-57, optim_utils.py l. 62-63: batch
+       256, SGD 0.9, per-epoch cosine to 2e-3 (lr/100); the last epoch's top-1 (logged every epoch).
+    8. [choice] A 13-tap blur (PIL's has no size); weight decay on every parameter; a cached probe
+       for short runs. Switches: --center-with previous, --lr-per-step, --amp, --no-normalize.
 
 USAGE
     python corinfomax.py                                   # CPU demo on synthetic patterns
@@ -43,9 +43,10 @@ USAGE
     python tools/benchmark.py corinfomax --data cifar10    # step overhead, loss cost, data pipeline
 """
 import argparse
-import functools
+import copy
 import math
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -60,48 +61,50 @@ PROG = "corinfomax.py"
 # ============================================================================================
 # Config
 # ============================================================================================
-# One preset per dataset, from the official scripts unless marked ours. Every value can be
-# overridden by the flag of the same name; flags are named after the official code's symbols.
+# Every value a run uses: DEFAULTS, then one preset per dataset, from the official scripts unless
+# marked ours; a flag of the same name overrides either (--print-config shows which gave what).
+# Flags are named after the official code's symbols.
 
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-COMMON = dict(lr=0.5, warmup_epochs=10, min_lr=1e-6, lr_per_step=False, momentum=0.9, wd=1e-4, la_R=0.01,
-              la_mu=0.01, R_ini=1.0, eps=1e-8, projector="4096-4096-128", proj_bn=False, arch="resnet18",
-              stem="cifar", image_size=32, crop_min_scale=0.08, blur_sigma=2.0, probe="linear",
-              probe_epochs=100, probe_lr=0.2, probe_schedule="cosine", knn_every=10, baseline=False)
+DEFAULTS = dict(
+    data="synthetic", data_dir=None, preset=None, download=False, workers=None, skip_bad_images=False,
+    synthetic_train=3840, synthetic_test=1000, norm=((0.5,) * 3, (0.25,) * 3),
+    alpha=250.0, la_R=0.01, la_mu=0.01, R_ini=1.0, eps=1e-8, center_with="updated", normalize=True,
+    arch="resnet18", stem="cifar", image_size=32, crop_min_scale=0.08, blur_sigma=2.0, projector="4096-4096-128",
+    proj_bn=False, epochs=None, max_steps=None, batch_size=None, warmup_epochs=10, wd=1e-4, momentum=0.9,
+    amp=None, lr=0.5, min_lr=1e-6, lr_per_step=False,   # epochs, batch_size: every preset sets them
+    probe="linear", probe_epochs=100, probe_batch=256, probe_lr=0.2, probe_lr_scaling="none", probe_warmup_steps=0,
+    probe_schedule="cosine", probe_head_ema=0.0, baseline=False, knn_every=10, knn_bank=20000,
+    gpus=1, cpu=False, compile=False, threads=None, output_dir=None, save_every=30.0, log_every=10, seed=0)
 PRESETS = {
     "cifar10": dict(epochs=1000, batch_size=512, projector="2048-2048-64",
-                    norm=((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))),
-    "cifar100": dict(epochs=1000, batch_size=512,
-                     norm=((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
+                    norm=((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
+                    alpha=250.0, la_R=0.01, la_mu=0.01),
+    "cifar100": dict(epochs=1000, batch_size=512, norm=((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+                     alpha=1000.0, la_R=0.01, la_mu=0.01),
     "tiny-imagenet": dict(arch="resnet50", stem="imagenet", image_size=64, epochs=800, batch_size=1024,
-                          norm=IMAGENET_NORM),
+                          norm=IMAGENET_NORM, alpha=500.0, la_R=0.1, la_mu=0.1),
     "imagenet100": dict(stem="imagenet", image_size=224, epochs=400, batch_size=1024, lr=1.0, min_lr=5e-3,
-                        norm=IMAGENET_NORM),
+                        norm=IMAGENET_NORM, alpha=500.0, la_R=0.01, la_mu=0.01),
     "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, epochs=100, batch_size=1536, lr=0.2,
                      projector="8192-8192-512", proj_bn=True, probe_lr=25.0,
-                     probe_schedule="step", knn_every=5, norm=IMAGENET_NORM),
-    # ---- our own presets: small, untuned ----
-    "stl10": dict(stem="imagenet", image_size=96, epochs=400, batch_size=512, norm=IMAGENET_NORM),
+                     probe_schedule="step", knn_every=5, norm=IMAGENET_NORM, alpha=2000.0, la_R=0.1, la_mu=0.1),
+    # ---- our own presets ----
+    "stl10": dict(stem="imagenet", image_size=96, epochs=400, batch_size=512, norm=IMAGENET_NORM,
+                  alpha=500.0, la_R=0.01, la_mu=0.01),
     "fashionmnist": dict(image_size=28, epochs=20, batch_size=256, warmup_epochs=2, min_lr=1e-3, lr_per_step=True,
-                         projector="1024-1024-64", probe="cached", knn_every=5, baseline=True,
-                         norm=((0.286,) * 3, (0.353,) * 3)),
+                         alpha=250.0, la_R=0.01, la_mu=0.01, projector="1024-1024-64", probe="cached", knn_every=5,
+                         baseline=True, norm=((0.286,) * 3, (0.353,) * 3)),
     "synthetic": dict(image_size=16, epochs=4, batch_size=64, lr=0.2, warmup_epochs=1, min_lr=1e-3, lr_per_step=True,
-                      crop_min_scale=0.3, blur_sigma=0.5, projector="512-512-32", probe="cached",
-                      knn_every=0, baseline=True, synthetic_train=3840, synthetic_test=1000,
-                      norm=((0.5,) * 3, (0.25,) * 3)),
+                      alpha=250.0, la_R=0.01, la_mu=0.01, crop_min_scale=0.3, blur_sigma=0.5, projector="512-512-32",
+                      probe="cached", knn_every=0, baseline=True),
 }
-# The method's own numbers (official scripts): alpha, the weight of the invariance term, and the
-# rates la_R = la_mu of the running estimates, per preset.
-for name, alpha, la in (("cifar10", 250.0, 0.01), ("cifar100", 1000.0, 0.01), ("tiny-imagenet", 500.0, 0.1),
-                        ("imagenet100", 500.0, 0.01), ("imagenet", 2000.0, 0.1), ("stl10", 500.0, 0.01),
-                        ("fashionmnist", 250.0, 0.01), ("synthetic", 250.0, 0.01)):
-    PRESETS[name].update(alpha=alpha, la_R=la, la_mu=la)
 OUR_PRESETS = ("stl10", "fashionmnist", "synthetic")
 
 
 def parse_args(argv=None):
-    p = common.Parser(prog=PROG, description="CorInfoMax self-supervised pretraining "
-                      "(arXiv:2209.07999). Preset values fill every flag left unset.")
+    p = common.Parser(prog=PROG, description="CorInfoMax pretraining (arXiv:2209.07999); a flag left unset takes its "
+                      "preset's value, else the default shown. --print-config shows which.")
     groups = common.add_shared_flags(p, PRESETS)
     g = groups["method"]
     g.add_argument("--alpha", type=common.NONNEGATIVE, help="weight of the invariance term (code scale)")
@@ -109,18 +112,18 @@ def parse_args(argv=None):
     g.add_argument("--la-mu", dest="la_mu", type=common.RATE, help="la_mu: weight of the previous mean")
     g.add_argument("--R-ini", dest="R_ini", type=common.POSITIVE, help="initial covariance R_ini * I")
     g.add_argument("--eps", type=common.NONNEGATIVE, help="eps inside the log-dets")
-    g.add_argument("--center-with", choices=("updated", "previous"), default="updated",
+    g.add_argument("--center-with", choices=("updated", "previous"),
                    help="centre with the updated running mean (official) or the previous one")
-    g.add_argument("--no-normalize", dest="normalize", action="store_false",
+    g.add_argument("--no-normalize", dest="normalize", action="store_false", default=None,
                    help="do not L2-normalise the projector output")
     groups["network"].add_argument("--projector", type=common.WIDTHS, help="hidden-...-output widths")
-    groups["network"].add_argument("--proj-bn", dest="proj_bn", action=argparse.BooleanOptionalAction)
+    groups["network"].add_argument("--proj-bn", action=argparse.BooleanOptionalAction)
     g = groups["optimisation"]
     g.add_argument("--lr", type=common.POSITIVE, help="base learning rate (no batch/256 scaling)")
-    g.add_argument("--min-lr", dest="min_lr", type=common.NONNEGATIVE)
-    g.add_argument("--lr-per-step", dest="lr_per_step", action=argparse.BooleanOptionalAction,
-                   help="smooth per-step schedule instead of the official per-epoch one")
-    return common.resolve(p.parse_args(argv), COMMON, PRESETS, PROG)
+    g.add_argument("--min-lr", type=common.NONNEGATIVE)
+    g.add_argument("--lr-per-step", action=argparse.BooleanOptionalAction,
+                   help="smooth per-step schedule instead of CorInfoMax's per-epoch one")
+    return common.resolve(p, argv, DEFAULTS, PRESETS)
 
 
 # ============================================================================================
@@ -205,11 +208,8 @@ def collapsed(logs, cfg):
 # ============================================================================================
 
 def make_backbone(arch, stem):
-    """torchvision ResNet with zero-init residuals and fc removed; returns (net, feature dim).
-
-    The CIFAR stem (3x3 stride-1 conv1, no max-pool) keeps small images from being downsampled
-    4x before the first block. The state dict keeps torchvision's key names (minus fc).
-    """
+    """torchvision ResNet, zero-init residuals, no fc (its state-dict names); returns (net, width).
+    The CIFAR stem (3x3 stride-1 conv1, no max-pool) keeps small images from a 4x downsampling."""
     net = getattr(torchvision.models, arch)(zero_init_residual=True)
     if stem == "cifar":
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -238,20 +238,17 @@ class Model(nn.Module):
         self.projector = make_projector(feat_dim, cfg.projector, cfg.proj_bn)
         self.normalize = cfg.normalize
 
-    def forward(self, x):
-        z = self.projector(self.backbone(x))
-        return F.normalize(z, dim=1, eps=1e-12) if self.normalize else z
+    def forward(self, x):   # the last Linear and the normalisation in float32, whatever the autocast
+        return common.float32_head(self.projector, self.backbone(x), 1e-12 if self.normalize else None)
 
 
 # ============================================================================================
 # Augmentation
 # ============================================================================================
-# A pretraining view is made in two halves. The geometric half (RandomResizedCrop, flip) runs per
-# image in the loader's workers. The photometric half (colour jitter, grayscale, blur, solarize,
-# normalise) runs on the whole batch on the training device, where it cannot starve a GPU of
-# data: every op (torchvision's formulas, common.py) is applied to every image, with the op's
-# identity parameter for the images that did not draw it. Per image it is torchvision's v2
-# recipe, on float images without the rounding to 8 bits of torchvision's uint8 ops.
+# A view in two halves: the geometric one (crop, flip) per image in the loader's workers; the
+# photometric one (jitter, grayscale, blur, solarize, normalise) on the batch on the device, every
+# op (torchvision's formulas, common.py) on every image, the identity parameter for the images
+# that did not draw it: per image torchvision's v2 recipe, in float (no rounding to 8 bits).
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 
@@ -325,12 +322,11 @@ def test_view(cfg):
 # ============================================================================================
 # Data
 # ============================================================================================
-# Plumbing in common.py: the datasets (load_datasets), the views seeded per item (Views) and the
-# sampler that splits each global batch across processes (GlobalBatchSampler).
+# In common.py: the datasets, the views seeded per item, the sampler that splits global batches.
 
-def pretrain_loader(dataset, cfg, d):
+def pretrain_loader(dataset, cfg, proc):
     """(sampler of global batches, loader of this process's crops, the views' photometric halves)."""
-    sampler = common.GlobalBatchSampler(len(dataset), cfg.batch_size, d.rank, d.world, seed=cfg.seed)
+    sampler = common.GlobalBatchSampler(len(dataset), cfg.batch_size, proc.rank, proc.world, seed=cfg.seed)
     geometric, photometric = zip(*pretrain_views(cfg))
     return sampler, common.make_loader(common.Views(dataset, geometric), sampler, cfg), photometric
 
@@ -362,8 +358,8 @@ def lr_at(cfg, epoch, frac=0.0):
 # Evaluation
 # ============================================================================================
 
-def knn_accuracy(train_f, train_y, test_f, test_y, classes, k=200, T=0.1):
-    """Weighted kNN monitor on cosine similarity (k = 200, temperature 0.1, InstDisc-style)."""
+def knn_accuracy(train_f, train_y, test_f, test_y, classes, k, T=0.1):
+    """kNN monitor: the k nearest bank features (cosine) vote exp(similarity / T), T = 0.1 (InstDisc)."""
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
     scores = []
     for chunk in test_f.split(1024):
@@ -371,6 +367,13 @@ def knn_accuracy(train_f, train_y, test_f, test_y, classes, k=200, T=0.1):
         votes = torch.zeros(len(chunk), classes, device=chunk.device)
         scores.append(votes.scatter_add_(1, train_y[idx], (sim / T).exp()))
     return common.topk(torch.cat(scores), test_y)
+
+
+def knn_k(labels, classes):
+    """k = 200 (InstDisc), at most a fifth of the bank's smallest class: with more, a point's
+    neighbours are mostly other classes' images (DINO uses 20 on ImageNet)."""
+    counts = torch.bincount(labels, minlength=classes)
+    return max(1, min(200, int(counts[counts > 0].min()) // 5))
 
 
 def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
@@ -392,76 +395,104 @@ def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
         return common.topk(head(test_f), test_y)
 
 
-def linear_probe(backbone, probe_set, test_set, classes, cfg, d, log):
-    """The paper protocol: frozen backbone in eval mode, Linear head on pooled features, batch
-    256, SGD momentum 0.9 without weight decay, RandomResizedCrop + flip; cosine to lr/100, or
-    x0.1 every 20 epochs (ImageNet). Returns the last epoch's accuracies and the best top-1."""
+def probe_lr_at(cfg, step, per_epoch):
+    """The linear probe's LR: probe_lr (x batch/256 if so scaled), warm-up from 0 over probe_warmup_steps,
+    then a per-step cosine to 0 ("cosine-steps"), per-epoch cosine to lr/100 ("cosine") or x0.1 / 20 epochs."""
+    base = cfg.probe_lr * (cfg.probe_batch / 256 if cfg.probe_lr_scaling == "batch/256" else 1.0)
+    W, K, epoch = cfg.probe_warmup_steps, cfg.probe_epochs * per_epoch, step // per_epoch
+    if step < W:
+        return base * step / W
+    if cfg.probe_schedule == "cosine-steps":
+        return base * (1 + math.cos(math.pi * (step - W) / max(K - W, 1))) / 2
+    if cfg.probe_schedule == "step":
+        return base * 0.1 ** (epoch // 20)
+    return base / 100 + 0.99 * base * (1 + math.cos(math.pi * epoch / cfg.probe_epochs)) / 2
+
+
+def linear_probe(backbone, name, data, cfg, proc, log):
+    """The paper protocol: a Linear head on the frozen backbone's pooled features (eval mode), SGD
+    momentum 0.9 without weight decay, RandomResizedCrop + flip; batch, LR and the head's EMA from
+    the preset. The result is the last epoch's test accuracy of the EMA (haiku's, zero-debiased:
+    hidden / (1 - decay^t); decay 0 gives the head). Saved each epoch (probe-<name>.pt), resumed."""
     backbone.eval()
-    with torch.no_grad():
-        dim = backbone(torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=d.device)).shape[1]
-    head = nn.Linear(dim, classes).to(d.device)
-    head_ddp = nn.parallel.DistributedDataParallel(head) if d.world > 1 else head
-    opt = torch.optim.SGD(head.parameters(), lr=cfg.probe_lr, momentum=0.9, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.1) if cfg.probe_schedule == "step" else \
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs, eta_min=cfg.probe_lr / 100)
-    sampler = common.GlobalBatchSampler(len(probe_set), min(256, len(probe_set) // d.world * d.world), d.rank,
-                                        d.world, seed=cfg.seed + 1)
-    loader = common.make_loader(common.Views(probe_set, [probe_train_view(cfg)]), sampler, cfg)
-    best, acc = 0.0, {}
-    for epoch in range(cfg.probe_epochs):
+    test_f, test_y = common.extract(backbone, data.test, test_view(cfg), cfg, proc)   # frozen: once
+    head = nn.Linear(test_f.shape[1], data.classes).to(proc.device)
+    ema, decay = copy.deepcopy(head).requires_grad_(False), cfg.probe_head_ema
+    torch._foreach_mul_(list(ema.parameters()), 1 - decay)   # its first update, from hidden = 0
+    head_ddp = nn.parallel.DistributedDataParallel(head) if proc.world > 1 else head
+    opt = torch.optim.SGD(head.parameters(), lr=0.0, momentum=0.9, weight_decay=0.0)   # lr: probe_lr_at
+    batch = min(cfg.probe_batch, len(data.probe) // proc.world * proc.world)
+    sampler = common.GlobalBatchSampler(len(data.probe), batch, proc.rank, proc.world, seed=cfg.seed + 1)
+    loader = common.make_loader(common.Views(data.probe, [probe_train_view(cfg)]), sampler, cfg)
+    path, checkpointed = os.path.join(cfg.output_dir, f"probe-{name}.pt"), dict(head=head, ema=ema, optimizer=opt)
+    start, _ = common.restore_checkpoint(path, checkpointed, cfg)      # the epochs done
+    if start:
+        log.print(f"  probe {name}: resuming at epoch {start}")
+
+    def accuracy(done):   # of the debiased EMA after 1 + done epochs' updates
+        return common.topk(F.linear(test_f, ema.weight, ema.bias).detach() / (1 - decay ** (1 + done * len(sampler))),
+                           test_y)
+    for epoch in range(start, cfg.probe_epochs):
         sampler.set_epoch(epoch)
-        for (x,), y in loader:
+        for i, ((x,), y) in enumerate(loader):
+            for group in opt.param_groups:
+                group["lr"] = probe_lr_at(cfg, epoch * len(sampler) + i, len(sampler))
             with torch.no_grad(), common.autocast(cfg):
-                f = backbone(common.to_device(x, cfg, d)).float()
+                f = backbone(common.to_device(x, proc.device)).float()
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(head_ddp(f), y.to(d.device)).backward()
+            F.cross_entropy(head_ddp(f), y.to(proc.device)).backward()
             opt.step()
-        sched.step()
-        test_f, test_y = common.extract(backbone, test_set, test_view(cfg), cfg, d)
-        with torch.no_grad():
-            acc = common.topk(head(test_f), test_y)
-        best = max(best, acc["top1"])
-        log.print(f"  probe epoch {epoch + 1}/{cfg.probe_epochs}  top1 {acc['top1']:.2f}  best {best:.2f}")
-    return {**acc, "best_top1": best}
+            torch._foreach_lerp_(list(ema.parameters()), list(head.parameters()), 1 - decay)
+        common.save_checkpoint(path, checkpointed, epoch + 1, 0, cfg, proc)
+        log.print(f"  probe {name} epoch {epoch + 1}/{cfg.probe_epochs}  top1 {accuracy(epoch + 1)['top1']:.2f}")
+    return accuracy(cfg.probe_epochs)
 
 
-def effective_ranks(model, data, cfg, d, n=2048):
-    """RankMe of the backbone features and of the embeddings (the loss's inputs) of the first n
-    pretraining images without augmentation: a collapse shows with or without labels."""
-    images = torch.utils.data.Subset(data[0], range(min(n, len(data[0]))))
-    return {f"rank_{name}": common.rankme(common.extract(net, images, test_view(cfg), cfg, d)[0])
+def effective_ranks(model, data, cfg, proc, n=2048):
+    """RankMe of the features and embeddings (the loss's inputs) of n pretraining images drawn once,
+    without augmentation: a collapse shows with or without labels."""
+    images = torch.utils.data.Subset(data.pretrain, common.fixed_subset(len(data.pretrain), n))
+    return {f"rank_{name}": common.rankme(common.extract(net, images, test_view(cfg), cfg, proc)[0])
             for name, net in (("features", model.backbone), ("embedding", model))}
 
 
-def evaluate(backbone, data, cfg, d, log, kind):
-    """Accuracy of `backbone` by kind: "linear" (paper protocol), "cached" probe or "knn" monitor."""
-    _, probe_set, test_set, classes = data
+def evaluate(backbone, name, data, cfg, proc, log, kind):
+    """Accuracy of `backbone` by kind: "linear" (paper protocol), "cached" probe or "knn" monitor;
+    the kNN monitor extracts only its bank, --knn-bank training images drawn once."""
     if kind == "linear":
-        return linear_probe(backbone, probe_set, test_set, classes, cfg, d, log)
-    train_f, train_y = common.extract(backbone, probe_set, test_view(cfg), cfg, d)
-    test_f, test_y = common.extract(backbone, test_set, test_view(cfg), cfg, d)
-    if kind == "knn":
-        bank = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(0))[:cfg.knn_bank].to(d.device)
-        return knn_accuracy(train_f[bank], train_y[bank], test_f, test_y, classes)
-    return cached_probe(train_f, train_y, test_f, test_y, classes, cfg)
+        return linear_probe(backbone, name, data, cfg, proc, log)
+    train_set = data.probe if kind == "cached" else \
+        torch.utils.data.Subset(data.probe, common.fixed_subset(len(data.probe), cfg.knn_bank))
+    train_f, train_y = common.extract(backbone, train_set, test_view(cfg), cfg, proc)
+    test_f, test_y = common.extract(backbone, data.test, test_view(cfg), cfg, proc)
+    if kind == "cached":
+        return cached_probe(train_f, train_y, test_f, test_y, data.classes, cfg)
+    k = knn_k(train_y, data.classes)
+    return {**knn_accuracy(train_f, train_y, test_f, test_y, data.classes, k), "k": k}
 
 
 # ============================================================================================
 # Training
 # ============================================================================================
 
-def build(cfg, d):
+def build(cfg, proc):
     """Model, loss, optimiser and AMP scaler, freshly initialised from cfg.seed."""
     torch.manual_seed(cfg.seed)
-    model = Model(cfg).to(d.device)
+    model = Model(cfg).to(proc.device)
     if cfg.use_cuda:
         model = model.to(memory_format=torch.channels_last)
-        if d.world > 1:
+        if proc.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.compile:   # compiles forward in place: the state dict keeps its names
-        model.compile()
-    return model, make_criterion(cfg).to(d.device), make_optimizer(model, cfg), \
+    return model, make_criterion(cfg).to(proc.device), make_optimizer(model, cfg), \
         torch.amp.GradScaler(enabled=cfg.amp == "fp16")
+
+
+def parallel(model, cfg, proc):
+    """What train_step runs: `model` in DDP, then compiled with --compile (DDP first, PyTorch's order:
+    its all-reduce overlaps the compiled backward); checkpoints keep `model`'s own names."""
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[proc.local_rank] if cfg.use_cuda else None) \
+        if proc.world > 1 else model
+    return torch.compile(net) if cfg.compile else net
 
 
 def train_step(model, criterion, optimizer, scaler, views, step, cfg):
@@ -484,47 +515,82 @@ def train_step(model, criterion, optimizer, scaler, views, step, cfg):
 
 
 def train(cfg):
-    """Pretrain, checkpoint, export the backbone and evaluate (runs in every process)."""
-    d = common.setup(cfg)
-    data = common.load_datasets(cfg)
-    sampler, loader, photometric = pretrain_loader(data[0], cfg, d)
-    cfg.steps_per_epoch = len(sampler)   # the schedules in train_step need it
-    model, criterion, optimizer, scaler = build(cfg, d)
-    # Resume, logs, the NaN check, checkpoints, stop signals, the collapse warning: common.Run.
-    run = common.Run(cfg, d, PROG, OUR_PRESETS, dict(model=model, criterion=criterion, optimizer=optimizer,
-                                                     scaler=scaler), collapsed)
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if cfg.use_cuda else None) \
-        if d.world > 1 else model
-    model.train()
-    on_epoch = functools.partial(monitor, model, criterion, data, cfg, d, run.log)   # called with the epoch
-    for step, crops in run.steps(loader, sampler, on_epoch):
-        views = common.augment(photometric, crops, step, cfg, d)
-        run.pending.append(train_step(ddp, criterion, optimizer, scaler, views, step, cfg))
-    finish(model, data, cfg, d, run.log)
-    d.close()
+    """The whole run, in every process: build, resume, pretrain, then export and probe."""
+    proc = common.ThisProcess(cfg)                        # rank, world size, device, stop signals
+    data = common.load_datasets(cfg, PRESETS)
+    cfg = common.derive(cfg, data, proc, PROG)            # the derived values; cfg is fixed from here on
+    torch.set_num_threads(cfg.threads)
+    sampler, loader, photometric = pretrain_loader(data.pretrain, cfg, proc)
+    model, criterion, optimizer, scaler = build(cfg, proc)
+    checkpointed, ckpt = dict(model=model, criterion=criterion, optimizer=optimizer, scaler=scaler), \
+        os.path.join(cfg.output_dir, "checkpoint.pt")
+    step, done = common.restore_checkpoint(ckpt, checkpointed, cfg)   # done: epochs whose monitor ran
+    log = common.Logger(cfg, proc, data)
+    log.start(PROG, step, proc.world, cfg.preset in OUR_PRESETS, len(data.pretrain))
+    net = parallel(model, cfg, proc)
+    if done < step // cfg.steps_per_epoch:                # stopped after an epoch's last step, before its monitor
+        done = monitor(model, criterion, data, cfg, proc, log, step)
+    pending, saved_at = [], time.time()                   # pending: logs not yet read (device tensors)
+    try:
+        while step < cfg.total_steps:
+            epoch = step // cfg.steps_per_epoch
+            sampler.set_epoch(epoch, step % cfg.steps_per_epoch)   # a resumed epoch skips the batches done
+            proc.stop.defer = True                        # a stop signal now waits for the end of a step
+            for crops, _ in log.timed(loader):   # timed: the share of time waiting for data
+                views = common.draw_and_apply(photometric, crops, step, cfg, proc)
+                pending.append(train_step(net, criterion, optimizer, scaler, views, step, cfg))
+                step += 1
+                end = step % cfg.steps_per_epoch == 0 or step == cfg.total_steps
+                if step % cfg.log_every and not end:
+                    continue
+                # Every --log-every steps and at an epoch's end: one host sync reads the logs (a NaN
+                # stops the run before it is saved); the processes agree on stopping and saving.
+                logs = common.read_logs(pending, step, ckpt)
+                log.train(epoch, step, logs, optimizer.param_groups[0]["lr"], collapsed(logs, cfg))
+                stop, save_due = common.agree(proc, time.time() - saved_at > 60 * cfg.save_every)
+                if stop or save_due or end:
+                    common.save_checkpoint(ckpt, checkpointed, step, done, cfg, proc)
+                    saved_at = time.time()
+                if stop:
+                    raise common.Stopped(stop, step, ckpt)
+                if step == cfg.total_steps:
+                    break
+            proc.stop.allow()                             # saved: a signal now stops at once
+            if step % cfg.steps_per_epoch == 0:
+                done = monitor(model, criterion, data, cfg, proc, log, step)
+    except common.BadImage:   # one process keeps the steps before it (processes read different images)
+        if proc.world == 1:
+            common.read_logs(pending, step, ckpt)
+            common.save_checkpoint(ckpt, checkpointed, step, done, cfg, proc)
+        raise
+    log.print(f"pretraining done: {step} steps")
+    finish(model, data, cfg, proc, log)
+    proc.close()
 
 
-def monitor(model, criterion, data, cfg, d, log, epoch):
-    """Per-epoch diagnostics: effective ranks, the spectrum of R1 (as the official code logs), kNN."""
-    rec = effective_ranks(model, data, cfg, d)
+def monitor(model, criterion, data, cfg, proc, log, step):
+    """After an epoch: effective ranks, the method's own state, the kNN monitor; returns the epochs done."""
+    epoch = step // cfg.steps_per_epoch
+    rec = effective_ranks(model, data, cfg, proc)
     eig = torch.linalg.eigvalsh(criterion.R1)
     rec.update(R1_eig_min=eig[0].item(), R1_eig_max=eig[-1].item())
-    if cfg.knn_every and epoch % cfg.knn_every == 0:
-        rec.update({f"knn_{k}": v for k, v in evaluate(model.backbone, data, cfg, d, log, "knn").items()})
-    return common.log_epoch(log, epoch, rec)
+    if cfg.labelled and cfg.knn_every and epoch % cfg.knn_every == 0:
+        rec.update({f"knn_{k}": v for k, v in evaluate(model.backbone, "knn", data, cfg, proc, log, "knn").items()})
+    log.epoch(epoch, step, rec)
+    return epoch
 
 
-def finish(model, data, cfg, d, log):
+def finish(model, data, cfg, proc, log):
     """Export the backbone (loads into torchvision's ResNet minus fc) and run the final probe."""
-    if d.is_main:
+    if proc.is_main:
         common.atomic_save(model.backbone.state_dict(), os.path.join(cfg.output_dir, "backbone.pt"))
-    if cfg.probe == "none":
+    if cfg.probe == "none" or not cfg.labelled:
         return
-    results = {"trained": evaluate(model.backbone, data, cfg, d, log, cfg.probe)}
+    results = {"trained": evaluate(model.backbone, "trained", data, cfg, proc, log, cfg.probe)}
     if cfg.baseline:   # what the probe reaches without pretraining: random weights, raw pixels
-        results["random_init"] = evaluate(build(cfg, d)[0].backbone, data, cfg, d, log, cfg.probe)
-        results["raw_pixels"] = evaluate(nn.Flatten(), data, cfg, d, log, cfg.probe)
-    common.report_probes(log, cfg.probe, results)
+        results["random_init"] = evaluate(build(cfg, proc)[0].backbone, "random_init", data, cfg, proc, log, cfg.probe)
+        results["raw_pixels"] = evaluate(nn.Flatten(), "raw_pixels", data, cfg, proc, log, cfg.probe)
+    log.probes(cfg.probe, results)
 
 
 # ============================================================================================
@@ -532,7 +598,11 @@ def finish(model, data, cfg, d, log):
 # ============================================================================================
 
 def main(argv=None):
-    common.launch(train, parse_args(argv), PROG)
+    cfg = parse_args(argv)
+    if cfg.print_config:   # what this command would run with; no data is read
+        common.print_config(cfg, PROG)
+    else:
+        common.launch(train, cfg, PROG)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,10 @@ Official github.com/google-deepmind/ssl_hsic @ d7ea38d on deepmind-research/byol
 
 THE IDEA
     SSL-HSIC maximises the kernel dependence HSIC(Z, Y) between the embedding Z of an augmented
-    image and the identity Y of its image: views of one image close under a kernel k, views of
-    different images apart. Against a collapse, the "kernelised variance" sqrt(HSIC(Z, Z))
-    regularises: L = -HSIC(Z, Y) + gamma sqrt(HSIC(Z, Z)). k is the inverse multiquadric kernel,
-    its scale c learned by its own objective; random Fourier features make the estimate linear in
-    the batch. The networks are BYOL's: online network + predictor, and an EMA target network.
+    image and the identity Y of its image (views of one image close under a kernel k, of different
+    images apart), regularised against collapse by the "kernelised variance": L = -HSIC(Z, Y) +
+    gamma sqrt(HSIC(Z, Z)). k is the inverse multiquadric kernel, its scale c learned; random
+    Fourier features make the estimate linear in the batch. BYOL's networks: online + predictor, EMA target.
 
 EQUATION MAP (official code names)
     objective         L = gamma sqrt(hsic_zz) - hsic_zy, gamma = 3                   ssl_hsic_loss
@@ -35,8 +34,13 @@ DIFFERENCES FROM THE OFFICIAL CODE ([choice]: ours where it is silent; each one 
     4. [choice] Evaluation and export use an EMA (0.999) of the online backbone (`--eval-weights`).
     5. [choice] CIFAR presets extrapolated from ImageNet; short presets with base LR 16 (the
        code's 0.4 barely moves a network in a few hundred small LARS steps) and eval EMA 0.99.
-    6. The loss in float32 outside autocast; as in corinfomax.py (its items 2-5 and 7).
-    Switches for the code's conventions: --zy-self-pairs, --estimator exact, --target-init copy.
+    6. The loss, and the last layer and normalisation before it, in float32; data order, resume,
+       kNN monitor as corinfomax.py (its items 2-5). Code conventions: --zy-self-pairs, --estimator.
+    7. The official linear probe (eval_config.py l. 27-55; eval_experiment.py l. 141-145, 314-316,
+       374-378, 476-478): batch 4096, 90 epochs, SGD 0.9, LR 0.5 B/256 with 100 warm-up steps and
+       a per-step cosine to 0 (byol/utils/schedules.py), test top-1 of the head's EMA (0.999).
+    8. Not yet the code's runtime: torchvision's colour formulas, where BYOL's augmentations.py
+       adds a brightness delta, contrasts per channel, takes S and H in HSV, clips after each op.
 
 USAGE
     python ssl_hsic.py                                   # CPU demo on synthetic patterns
@@ -45,9 +49,9 @@ USAGE
 """
 import collections
 import copy
-import functools
 import math
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -63,59 +67,67 @@ PROG = "ssl_hsic.py"
 # ============================================================================================
 # Config
 # ============================================================================================
-# One preset per dataset. Every value can be overridden by the flag of the same name; flags are
-# named after the official code's symbols.
+# Every value a run uses: DEFAULTS (the official configuration, config.py and eval_config.py),
+# then one preset per dataset; a flag of the same name overrides either (--print-config shows
+# which gave what). Flags are named after the official code's symbols.
 
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-COMMON = dict(momentum=0.9, wd=1e-6, eta=1e-3, lr=0.4, warmup_epochs=10, crop_min_scale=0.08, blur_sigma=2.0,
-              gamma=3.0, sigma=1.0, num_features=512, tau=0.99, eval_ema=0.999, projector="4096-256",
-              predictor="4096-256", stem="cifar", arch="resnet18", image_size=32, probe="linear",
-              probe_epochs=100, probe_lr=0.2, probe_schedule="cosine", knn_every=10, baseline=False)
+DEFAULTS = dict(
+    data="synthetic", data_dir=None, preset=None, download=False, workers=None, skip_bad_images=False,
+    synthetic_train=3840, synthetic_test=1000, norm=((0.5,) * 3, (0.25,) * 3),
+    gamma=3.0, sigma=1.0, fixed_scale=False, estimator="rff", num_features=512, rff_shared=False,
+    zy_self_pairs="include", target=True, target_init="independent", tau=0.99, eval_ema=0.999, eval_weights="ema",
+    arch="resnet18", stem="cifar", image_size=32, crop_min_scale=0.08, blur_sigma=2.0, projector="4096-256",
+    predictor="4096-256", epochs=None, max_steps=None, batch_size=None, warmup_epochs=10, wd=1e-6, momentum=0.9,
+    amp=None, lr=0.4, eta=1e-3,   # epochs, batch_size: every preset sets them
+    probe="linear", probe_epochs=90, probe_batch=4096, probe_lr=0.5, probe_lr_scaling="batch/256",
+    probe_warmup_steps=100, probe_schedule="cosine-steps", probe_head_ema=0.999, baseline=False, knn_every=10,
+    knn_bank=20000, gpus=1, cpu=False, compile=False, threads=None, output_dir=None, save_every=30.0, log_every=10,
+    seed=0)
 PRESETS = {
-    # ---- extrapolations from the ImageNet recipe, untuned ----
+    # ---- the official configuration ----
+    "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, epochs=1000, batch_size=4096, knn_every=5,
+                     norm=IMAGENET_NORM),
+    # ---- ours: extrapolations from the ImageNet recipe ----
     "cifar10": dict(epochs=1000, batch_size=512, norm=((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))),
     "cifar100": dict(epochs=1000, batch_size=512, norm=((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
-    # ---- the official configuration (config.py, eval_config.py) ----
-    "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, epochs=1000, batch_size=4096,
-                     probe_epochs=90, probe_lr=0.5, knn_every=5, norm=IMAGENET_NORM),
-    # ---- our own presets: small, untuned ----
+    # ---- ours: small presets for CPU runs ----
     "fashionmnist": dict(image_size=28, epochs=20, batch_size=256, lr=16.0, warmup_epochs=2, eval_ema=0.99,
                          projector="1024-128", predictor="1024-128", probe="cached", knn_every=5,
                          baseline=True, norm=((0.286,) * 3, (0.353,) * 3)),
     "synthetic": dict(image_size=16, epochs=4, batch_size=64, lr=16.0, warmup_epochs=1, eval_ema=0.99,
                       crop_min_scale=0.3, blur_sigma=0.5, projector="512-64", predictor="512-64",
-                      probe="cached", knn_every=0, baseline=True, synthetic_train=3840, synthetic_test=1000,
-                      norm=((0.5,) * 3, (0.25,) * 3)),
+                      probe="cached", knn_every=0, baseline=True),
 }
 OUR_PRESETS = ("cifar10", "cifar100", "fashionmnist", "synthetic")
 
 
 def parse_args(argv=None):
-    p = common.Parser(prog=PROG, description="SSL-HSIC self-supervised pretraining "
-                      "(arXiv:2106.08320). Preset values fill every flag left unset.")
+    p = common.Parser(prog=PROG, description="SSL-HSIC pretraining (arXiv:2106.08320); a flag left unset takes its "
+                      "preset's value, else the default shown. --print-config shows which.")
     groups = common.add_shared_flags(p, PRESETS)
     g = groups["method"]
     g.add_argument("--gamma", type=common.NONNEGATIVE, help="weight of sqrt(HSIC(Z, Z))")
     g.add_argument("--sigma", type=common.POSITIVE, help="initial (or, with --fixed-scale, fixed) IMQ kernel scale c")
-    g.add_argument("--fixed-scale", dest="fixed_scale", action="store_true", help="do not learn c")
-    g.add_argument("--estimator", choices=("rff", "exact"), default="rff",
+    g.add_argument("--fixed-scale", action="store_true", default=None, help="do not learn c")
+    g.add_argument("--estimator", choices=("rff", "exact"),
                    help="random Fourier features (official) or exact kernel matrices (O(n^2))")
-    g.add_argument("--num-features", dest="num_features", type=common.POSITIVE_INT, help="F, random Fourier features")
-    g.add_argument("--rff-shared", dest="rff_shared", action="store_true", help="one RFF draw for all processes")
-    g.add_argument("--zy-self-pairs", dest="zy_self_pairs", choices=("include", "exclude"), default="include")
-    g.add_argument("--no-target", dest="target", action="store_false", help="no predictor, no EMA target")
-    g.add_argument("--target-init", dest="target_init", choices=("independent", "copy"), default="independent")
+    g.add_argument("--num-features", type=common.POSITIVE_INT, help="F, random Fourier features")
+    g.add_argument("--rff-shared", action="store_true", default=None, help="one RFF draw for all processes")
+    g.add_argument("--zy-self-pairs", choices=("include", "exclude"))
+    g.add_argument("--no-target", dest="target", action="store_false", default=None, help="no predictor, no EMA target")
+    g.add_argument("--target-init", choices=("independent", "copy"))
     g.add_argument("--tau", type=common.checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
                    help="initial target EMA rate tau_0 (rises to 1 by a cosine)")
-    g.add_argument("--eval-ema", dest="eval_ema", type=common.RATE, help="EMA rate of the evaluated backbone")
-    g.add_argument("--eval-weights", dest="eval_weights", choices=("ema", "online"), default="ema")
+    g.add_argument("--eval-ema", type=common.RATE, help="EMA rate of the evaluated backbone")
+    g.add_argument("--eval-weights", choices=("ema", "online"))
     g = groups["network"]
     g.add_argument("--projector", type=common.WIDTHS, help="hidden-output widths, e.g. 4096-256")
     g.add_argument("--predictor", type=common.WIDTHS, help="hidden-output widths; output = projector's")
     g = groups["optimisation"]
     g.add_argument("--lr", type=common.POSITIVE, help="base learning rate, multiplied by batch/256")
     g.add_argument("--eta", type=common.POSITIVE, help="LARS trust coefficient")
-    cfg = common.resolve(p.parse_args(argv), COMMON, PRESETS, PROG)
+    cfg = common.resolve(p, argv, DEFAULTS, PRESETS)
     if cfg.target and cfg.predictor.split("-")[-1] != cfg.projector.split("-")[-1]:
         raise common.UsageError(f"--predictor {cfg.predictor} must end in the projector's width {common.out_dim(cfg)}")
     return cfg
@@ -210,10 +222,8 @@ class SSLHSIC(nn.Module):
         self.gamma, self.num_features, self.learn_scale = gamma, num_features, learn_scale
         self.zy_self_pairs, self.shared_draws, self.seed = zy_self_pairs, shared_draws, seed
         self.scale_lr, self.scale_rows = scale_lr, scale_rows
-        # c and its Adam moments: float64 scalars, saved with the module's state.
-        self.register_buffer("c", torch.tensor(float(sigma), dtype=torch.float64))
-        self.register_buffer("c_adam_m", torch.tensor(0.0, dtype=torch.float64))
-        self.register_buffer("c_adam_v", torch.tensor(0.0, dtype=torch.float64))
+        for name, value in (("c", sigma), ("c_adam_m", 0.0), ("c_adam_v", 0.0)):   # c and its Adam moments:
+            self.register_buffer(name, torch.tensor(float(value), dtype=torch.float64))   # float64, saved
         self.calls = 0     # a Python int (no device sync to seed a draw), saved as extra state
 
     def get_extra_state(self):
@@ -224,9 +234,7 @@ class SSLHSIC(nn.Module):
 
     def _generator(self, device, stream):
         """A generator for this call; stream 0 trains c, stream 1 + r gives process r's features."""
-        g = torch.Generator(device=device)
-        g.manual_seed(((self.seed * 2**24 + self.calls) * 2**16 + stream) % 2**63)
-        return g
+        return torch.Generator(device=device).manual_seed(((self.seed * 2**24 + self.calls) * 2**16 + stream) % 2**63)
 
     def forward(self, z):
         c = self.c.clone()   # a copy: the Adam step below changes self.c in place
@@ -283,11 +291,8 @@ def collapsed(logs, cfg):
 # ============================================================================================
 
 def make_backbone(arch, stem):
-    """torchvision ResNet with zero-init residuals and fc removed; returns (net, feature dim).
-
-    The CIFAR stem (3x3 stride-1 conv1, no max-pool) keeps small images from being downsampled
-    4x before the first block. The state dict keeps torchvision's key names (minus fc).
-    """
+    """torchvision ResNet, zero-init residuals, no fc (its state-dict names); returns (net, width).
+    The CIFAR stem (3x3 stride-1 conv1, no max-pool) keeps small images from a 4x downsampling."""
     net = getattr(torchvision.models, arch)(zero_init_residual=True)
     if stem == "cifar":
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -313,13 +318,10 @@ def make_encoder(cfg):
     return nn.Sequential(collections.OrderedDict(backbone=backbone, projector=make_mlp(feat_dim, cfg.projector)))
 
 
-def l2_normalise(z):   # z / sqrt(max(sum z^2, 1e-12)), the code's normalisation of every loss view
-    return F.normalize(z, dim=1, eps=1e-6)
-
-
 class Model(nn.Module):
     """Online network with predictor, EMA target network and evaluation EMA. forward(x) is the
-    online prediction (the projection under --no-target), L2-normalised: the only trained path.
+    online prediction (the projection under --no-target), L2-normalised as the code does (z / sqrt(max(
+    sum z^2, 1e-12))), in float32: the only trained path.
     `backbone` is the one that evaluation and export use: the evaluation EMA, or the online one."""
 
     def __init__(self, cfg):
@@ -334,16 +336,17 @@ class Model(nn.Module):
             if cfg.target_init == "copy":
                 self.target.load_state_dict(self.online.state_dict())
             self.target.requires_grad_(False)
-        self.ema = copy.deepcopy(self.online.backbone).requires_grad_(False) \
-            if cfg.eval_weights == "ema" else None
+        self.ema = copy.deepcopy(self.online.backbone).requires_grad_(False) if cfg.eval_weights == "ema" else None
         self.eval_ema = cfg.eval_ema
 
     def forward(self, x):
-        return l2_normalise(self.predictor(self.online(x)))
+        if self.target is None:
+            return common.float32_head(self.online.projector, self.online.backbone(x), 1e-6)
+        return common.float32_head(self.predictor, self.online(x), 1e-6)
 
     @torch.no_grad()
     def target_projection(self, x):
-        return l2_normalise(self.target(x))
+        return common.float32_head(self.target.projector, self.target.backbone(x), 1e-6)
 
     @property
     def backbone(self):
@@ -364,12 +367,10 @@ class Model(nn.Module):
 # ============================================================================================
 # Augmentation
 # ============================================================================================
-# A pretraining view is made in two halves. The geometric half (RandomResizedCrop, flip) runs per
-# image in the loader's workers. The photometric half (colour jitter, grayscale, blur, solarize,
-# normalise) runs on the whole batch on the training device, where it cannot starve a GPU of
-# data: every op (torchvision's formulas, common.py) is applied to every image, with the op's
-# identity parameter for the images that did not draw it. Per image it is torchvision's v2
-# recipe, on float images without the rounding to 8 bits of torchvision's uint8 ops.
+# A view in two halves: the geometric one (crop, flip) per image in the loader's workers; the
+# photometric one (jitter, grayscale, blur, solarize, normalise) on the batch on the device, every
+# op (torchvision's formulas, common.py) on every image, the identity parameter for the images
+# that did not draw it: per image torchvision's v2 recipe, in float (no rounding to 8 bits).
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 
@@ -388,11 +389,8 @@ class Photometric:
     """The photometric half of a pretraining view, on a batch: per image, torchvision's
     RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8) (its four ops in a random order),
     RandomGrayscale(p=0.2), RandomApply([GaussianBlur(taps, sigma range)], p=blur_p),
-    RandomSolarize(128/255, p=solarize_p), then Normalize(mean, std).
-
-    draw(n, generator) makes the random choices of n images on the CPU; calling the object with a
-    uint8 batch (B, 3, H, W) on any device and B images' draws returns the normalised float views.
-    """
+    RandomSolarize(128/255, p=solarize_p), then Normalize(mean, std). draw(n, generator): the
+    choices of n images (CPU); called on a uint8 batch and its draws: the normalised float views."""
 
     def __init__(self, norm, blur_p, solarize_p, taps, sigma):
         self.norm, self.blur_p, self.solarize_p, self.taps, self.sigma = norm, blur_p, solarize_p, taps, sigma
@@ -422,9 +420,8 @@ class Photometric:
 
 
 def pretrain_views(cfg):
-    """BYOL's asymmetric two-view recipe: blur 1.0 / 0.1, solarize 0.0 / 0.2, a blur of
-    2 (size // 20) + 1 taps (23 at 224 px, 3 at 32 px, none at 16 px). Each view is a pair
-    (geometric half for the loader, photometric half for the device)."""
+    """BYOL's two views, (geometric, photometric) halves: blur 1.0 / 0.1, solarize 0.0 / 0.2, a blur
+    of 2 (size // 20) + 1 taps (23 at 224 px, 3 at 32 px, none at 16 px)."""
     taps = 2 * ((cfg.image_size // 10) // 2) + 1
     geometric = crop(cfg.image_size, (cfg.crop_min_scale, 1.0))
     return [(geometric, Photometric(cfg.norm, blur_p, solarize_p, taps, (0.1, cfg.blur_sigma)))
@@ -445,12 +442,11 @@ def test_view(cfg):
 # ============================================================================================
 # Data
 # ============================================================================================
-# Plumbing in common.py: the datasets (load_datasets), the views seeded per item (Views) and the
-# sampler that splits each global batch across processes (GlobalBatchSampler).
+# In common.py: the datasets, the views seeded per item, the sampler that splits global batches.
 
-def pretrain_loader(dataset, cfg, d):
+def pretrain_loader(dataset, cfg, proc):
     """(sampler of global batches, loader of this process's crops, the views' photometric halves)."""
-    sampler = common.GlobalBatchSampler(len(dataset), cfg.batch_size, d.rank, d.world, seed=cfg.seed)
+    sampler = common.GlobalBatchSampler(len(dataset), cfg.batch_size, proc.rank, proc.world, seed=cfg.seed)
     geometric, photometric = zip(*pretrain_views(cfg))
     return sampler, common.make_loader(common.Views(dataset, geometric), sampler, cfg), photometric
 
@@ -460,10 +456,8 @@ def pretrain_loader(dataset, cfg, d):
 # ============================================================================================
 
 class LARS(torch.optim.Optimizer):
-    """BYOL's LARS. For a parameter p of a group with lars=True and gradient g:
-    u = g + wd p; u <- u eta ||p|| / ||u|| (ratio 1 when either norm is 0); mu <- m mu + u;
-    p <- p - lr mu. Groups with lars=False (biases, BatchNorm) skip weight decay and the ratio.
-    """
+    """BYOL's LARS. For p of a group with lars=True, gradient g: u = g + wd p; u <- u eta ||p|| / ||u||
+    (1 if a norm is 0); mu <- m mu + u; p <- p - lr mu. lars=False (biases, BN): no decay, no ratio."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=1e-3):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
@@ -480,21 +474,16 @@ class LARS(torch.optim.Optimizer):
                     p_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)
                     # torch.where, not `if`: no device-to-host sync per parameter.
                     u = u * torch.where((p_norm > 0) & (u_norm > 0), group["eta"] * p_norm / u_norm, 1.0)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                state["momentum_buffer"].mul_(group["momentum"]).add_(u)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+                mu = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                p.add_(mu.mul_(group["momentum"]).add_(u), alpha=-group["lr"])
 
 
 def make_optimizer(model, cfg):
     """LARS on the online network and predictor; 1-D parameters (biases, BatchNorm) excluded
     from weight decay and trust ratio, as BYOL's filter. c has its own Adam (in SSLHSIC)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return LARS([{"params": [p for p in params if p.ndim > 1]},
-                 {"params": [p for p in params if p.ndim <= 1], "lars": False}],
-                lr=0.0,   # set at every step by train_step (lr_at)
-                momentum=cfg.momentum, weight_decay=cfg.wd, eta=cfg.eta)
+    return LARS([{"params": [p for p in params if p.ndim > 1]}, {"params": [p for p in params if p.ndim <= 1],
+                 "lars": False}], lr=0.0, momentum=cfg.momentum, weight_decay=cfg.wd, eta=cfg.eta)   # lr: lr_at
 
 
 def lr_at(cfg, step):
@@ -517,8 +506,8 @@ def tau_at(cfg, step):
 # Evaluation
 # ============================================================================================
 
-def knn_accuracy(train_f, train_y, test_f, test_y, classes, k=200, T=0.1):
-    """Weighted kNN monitor on cosine similarity (k = 200, temperature 0.1, InstDisc-style)."""
+def knn_accuracy(train_f, train_y, test_f, test_y, classes, k, T=0.1):
+    """kNN monitor: the k nearest bank features (cosine) vote exp(similarity / T), T = 0.1 (InstDisc)."""
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
     scores = []
     for chunk in test_f.split(1024):
@@ -526,6 +515,13 @@ def knn_accuracy(train_f, train_y, test_f, test_y, classes, k=200, T=0.1):
         votes = torch.zeros(len(chunk), classes, device=chunk.device)
         scores.append(votes.scatter_add_(1, train_y[idx], (sim / T).exp()))
     return common.topk(torch.cat(scores), test_y)
+
+
+def knn_k(labels, classes):
+    """k = 200 (InstDisc), at most a fifth of the bank's smallest class: with more, a point's
+    neighbours are mostly other classes' images (DINO uses 20 on ImageNet)."""
+    counts = torch.bincount(labels, minlength=classes)
+    return max(1, min(200, int(counts[counts > 0].min()) // 5))
 
 
 def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
@@ -547,76 +543,104 @@ def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
         return common.topk(head(test_f), test_y)
 
 
-def linear_probe(backbone, probe_set, test_set, classes, cfg, d, log):
-    """The paper protocol: frozen backbone in eval mode, Linear head on pooled features, batch
-    256, SGD momentum 0.9 without weight decay, RandomResizedCrop + flip; cosine to lr/100, or
-    x0.1 every 20 epochs (ImageNet). Returns the last epoch's accuracies and the best top-1."""
+def probe_lr_at(cfg, step, per_epoch):
+    """The linear probe's LR: probe_lr (x batch/256 if so scaled), warm-up from 0 over probe_warmup_steps,
+    then a per-step cosine to 0 ("cosine-steps"), per-epoch cosine to lr/100 ("cosine") or x0.1 / 20 epochs."""
+    base = cfg.probe_lr * (cfg.probe_batch / 256 if cfg.probe_lr_scaling == "batch/256" else 1.0)
+    W, K, epoch = cfg.probe_warmup_steps, cfg.probe_epochs * per_epoch, step // per_epoch
+    if step < W:
+        return base * step / W
+    if cfg.probe_schedule == "cosine-steps":
+        return base * (1 + math.cos(math.pi * (step - W) / max(K - W, 1))) / 2
+    if cfg.probe_schedule == "step":
+        return base * 0.1 ** (epoch // 20)
+    return base / 100 + 0.99 * base * (1 + math.cos(math.pi * epoch / cfg.probe_epochs)) / 2
+
+
+def linear_probe(backbone, name, data, cfg, proc, log):
+    """The paper protocol: a Linear head on the frozen backbone's pooled features (eval mode), SGD
+    momentum 0.9 without weight decay, RandomResizedCrop + flip; batch, LR and the head's EMA from
+    the preset. The result is the last epoch's test accuracy of the EMA (haiku's, zero-debiased:
+    hidden / (1 - decay^t); decay 0 gives the head). Saved each epoch (probe-<name>.pt), resumed."""
     backbone.eval()
-    with torch.no_grad():
-        dim = backbone(torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=d.device)).shape[1]
-    head = nn.Linear(dim, classes).to(d.device)
-    head_ddp = nn.parallel.DistributedDataParallel(head) if d.world > 1 else head
-    opt = torch.optim.SGD(head.parameters(), lr=cfg.probe_lr, momentum=0.9, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.1) if cfg.probe_schedule == "step" else \
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs, eta_min=cfg.probe_lr / 100)
-    sampler = common.GlobalBatchSampler(len(probe_set), min(256, len(probe_set) // d.world * d.world), d.rank,
-                                        d.world, seed=cfg.seed + 1)
-    loader = common.make_loader(common.Views(probe_set, [probe_train_view(cfg)]), sampler, cfg)
-    best, acc = 0.0, {}
-    for epoch in range(cfg.probe_epochs):
+    test_f, test_y = common.extract(backbone, data.test, test_view(cfg), cfg, proc)   # frozen: once
+    head = nn.Linear(test_f.shape[1], data.classes).to(proc.device)
+    ema, decay = copy.deepcopy(head).requires_grad_(False), cfg.probe_head_ema
+    torch._foreach_mul_(list(ema.parameters()), 1 - decay)   # its first update, from hidden = 0
+    head_ddp = nn.parallel.DistributedDataParallel(head) if proc.world > 1 else head
+    opt = torch.optim.SGD(head.parameters(), lr=0.0, momentum=0.9, weight_decay=0.0)   # lr: probe_lr_at
+    batch = min(cfg.probe_batch, len(data.probe) // proc.world * proc.world)
+    sampler = common.GlobalBatchSampler(len(data.probe), batch, proc.rank, proc.world, seed=cfg.seed + 1)
+    loader = common.make_loader(common.Views(data.probe, [probe_train_view(cfg)]), sampler, cfg)
+    path, checkpointed = os.path.join(cfg.output_dir, f"probe-{name}.pt"), dict(head=head, ema=ema, optimizer=opt)
+    start, _ = common.restore_checkpoint(path, checkpointed, cfg)      # the epochs done
+    if start:
+        log.print(f"  probe {name}: resuming at epoch {start}")
+
+    def accuracy(done):   # of the debiased EMA after 1 + done epochs' updates
+        return common.topk(F.linear(test_f, ema.weight, ema.bias).detach() / (1 - decay ** (1 + done * len(sampler))),
+                           test_y)
+    for epoch in range(start, cfg.probe_epochs):
         sampler.set_epoch(epoch)
-        for (x,), y in loader:
+        for i, ((x,), y) in enumerate(loader):
+            for group in opt.param_groups:
+                group["lr"] = probe_lr_at(cfg, epoch * len(sampler) + i, len(sampler))
             with torch.no_grad(), common.autocast(cfg):
-                f = backbone(common.to_device(x, cfg, d)).float()
+                f = backbone(common.to_device(x, proc.device)).float()
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(head_ddp(f), y.to(d.device)).backward()
+            F.cross_entropy(head_ddp(f), y.to(proc.device)).backward()
             opt.step()
-        sched.step()
-        test_f, test_y = common.extract(backbone, test_set, test_view(cfg), cfg, d)
-        with torch.no_grad():
-            acc = common.topk(head(test_f), test_y)
-        best = max(best, acc["top1"])
-        log.print(f"  probe epoch {epoch + 1}/{cfg.probe_epochs}  top1 {acc['top1']:.2f}  best {best:.2f}")
-    return {**acc, "best_top1": best}
+            torch._foreach_lerp_(list(ema.parameters()), list(head.parameters()), 1 - decay)
+        common.save_checkpoint(path, checkpointed, epoch + 1, 0, cfg, proc)
+        log.print(f"  probe {name} epoch {epoch + 1}/{cfg.probe_epochs}  top1 {accuracy(epoch + 1)['top1']:.2f}")
+    return accuracy(cfg.probe_epochs)
 
 
-def effective_ranks(model, data, cfg, d, n=2048):
-    """RankMe of the backbone features and of the embeddings (the loss's inputs) of the first n
-    pretraining images without augmentation: a collapse shows with or without labels."""
-    images = torch.utils.data.Subset(data[0], range(min(n, len(data[0]))))
-    return {f"rank_{name}": common.rankme(common.extract(net, images, test_view(cfg), cfg, d)[0])
+def effective_ranks(model, data, cfg, proc, n=2048):
+    """RankMe of the features and embeddings (the loss's inputs) of n pretraining images drawn once,
+    without augmentation: a collapse shows with or without labels."""
+    images = torch.utils.data.Subset(data.pretrain, common.fixed_subset(len(data.pretrain), n))
+    return {f"rank_{name}": common.rankme(common.extract(net, images, test_view(cfg), cfg, proc)[0])
             for name, net in (("features", model.backbone), ("embedding", model))}
 
 
-def evaluate(backbone, data, cfg, d, log, kind):
-    """Accuracy of `backbone` by kind: "linear" (paper protocol), "cached" probe or "knn" monitor."""
-    _, probe_set, test_set, classes = data
+def evaluate(backbone, name, data, cfg, proc, log, kind):
+    """Accuracy of `backbone` by kind: "linear" (paper protocol), "cached" probe or "knn" monitor;
+    the kNN monitor extracts only its bank, --knn-bank training images drawn once."""
     if kind == "linear":
-        return linear_probe(backbone, probe_set, test_set, classes, cfg, d, log)
-    train_f, train_y = common.extract(backbone, probe_set, test_view(cfg), cfg, d)
-    test_f, test_y = common.extract(backbone, test_set, test_view(cfg), cfg, d)
-    if kind == "knn":
-        bank = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(0))[:cfg.knn_bank].to(d.device)
-        return knn_accuracy(train_f[bank], train_y[bank], test_f, test_y, classes)
-    return cached_probe(train_f, train_y, test_f, test_y, classes, cfg)
+        return linear_probe(backbone, name, data, cfg, proc, log)
+    train_set = data.probe if kind == "cached" else \
+        torch.utils.data.Subset(data.probe, common.fixed_subset(len(data.probe), cfg.knn_bank))
+    train_f, train_y = common.extract(backbone, train_set, test_view(cfg), cfg, proc)
+    test_f, test_y = common.extract(backbone, data.test, test_view(cfg), cfg, proc)
+    if kind == "cached":
+        return cached_probe(train_f, train_y, test_f, test_y, data.classes, cfg)
+    k = knn_k(train_y, data.classes)
+    return {**knn_accuracy(train_f, train_y, test_f, test_y, data.classes, k), "k": k}
 
 
 # ============================================================================================
 # Training
 # ============================================================================================
 
-def build(cfg, d):
+def build(cfg, proc):
     """Model, loss, optimiser and AMP scaler, freshly initialised from cfg.seed."""
     torch.manual_seed(cfg.seed)
-    model = Model(cfg).to(d.device)
+    model = Model(cfg).to(proc.device)
     if cfg.use_cuda:
         model = model.to(memory_format=torch.channels_last)
-        if d.world > 1:
+        if proc.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.compile:   # compiles forward in place: the state dict keeps its names
-        model.compile()
-    return model, make_criterion(cfg).to(d.device), make_optimizer(model, cfg), \
+    return model, make_criterion(cfg).to(proc.device), make_optimizer(model, cfg), \
         torch.amp.GradScaler(enabled=cfg.amp == "fp16")
+
+
+def parallel(model, cfg, proc):
+    """What train_step runs: `model` in DDP, then compiled with --compile (DDP first, PyTorch's order:
+    its all-reduce overlaps the compiled backward); checkpoints keep `model`'s own names."""
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[proc.local_rank] if cfg.use_cuda else None) \
+        if proc.world > 1 else model
+    return torch.compile(net) if cfg.compile else net
 
 
 def train_step(model, criterion, optimizer, scaler, views, step, cfg):
@@ -624,7 +648,7 @@ def train_step(model, criterion, optimizer, scaler, views, step, cfg):
     batch. `views` holds the two augmented views (x1, x2) of this rank's images."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(cfg, step)
-    net = getattr(model, "module", model)   # the Model inside DDP: its target is not DDP's business
+    net = getattr(model, "module", model)   # the Model in DDP (compile's wrapper forwards attributes)
     x1, x2 = views
     with common.autocast(cfg):
         z = [model(x1), model(x2)]          # online predictions of views 1 and 2 (with gradient)
@@ -642,46 +666,81 @@ def train_step(model, criterion, optimizer, scaler, views, step, cfg):
 
 
 def train(cfg):
-    """Pretrain, checkpoint, export the backbone and evaluate (runs in every process)."""
-    d = common.setup(cfg)
-    data = common.load_datasets(cfg)
-    sampler, loader, photometric = pretrain_loader(data[0], cfg, d)
-    cfg.steps_per_epoch = len(sampler)   # the schedules in train_step need it
-    model, criterion, optimizer, scaler = build(cfg, d)
-    # Resume, logs, the NaN check, checkpoints, stop signals, the collapse warning: common.Run.
-    run = common.Run(cfg, d, PROG, OUR_PRESETS, dict(model=model, criterion=criterion, optimizer=optimizer,
-                                                     scaler=scaler), collapsed)
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if cfg.use_cuda else None) \
-        if d.world > 1 else model
-    model.train()
-    on_epoch = functools.partial(monitor, model, criterion, data, cfg, d, run.log)   # called with the epoch
-    for step, crops in run.steps(loader, sampler, on_epoch):
-        views = common.augment(photometric, crops, step, cfg, d)
-        run.pending.append(train_step(ddp, criterion, optimizer, scaler, views, step, cfg))
-    finish(model, data, cfg, d, run.log)
-    d.close()
+    """The whole run, in every process: build, resume, pretrain, then export and probe."""
+    proc = common.ThisProcess(cfg)                        # rank, world size, device, stop signals
+    data = common.load_datasets(cfg, PRESETS)
+    cfg = common.derive(cfg, data, proc, PROG)            # the derived values; cfg is fixed from here on
+    torch.set_num_threads(cfg.threads)
+    sampler, loader, photometric = pretrain_loader(data.pretrain, cfg, proc)
+    model, criterion, optimizer, scaler = build(cfg, proc)
+    checkpointed, ckpt = dict(model=model, criterion=criterion, optimizer=optimizer, scaler=scaler), \
+        os.path.join(cfg.output_dir, "checkpoint.pt")
+    step, done = common.restore_checkpoint(ckpt, checkpointed, cfg)   # done: epochs whose monitor ran
+    log = common.Logger(cfg, proc, data)
+    log.start(PROG, step, proc.world, cfg.preset in OUR_PRESETS, len(data.pretrain))
+    net = parallel(model, cfg, proc)
+    if done < step // cfg.steps_per_epoch:                # stopped after an epoch's last step, before its monitor
+        done = monitor(model, criterion, data, cfg, proc, log, step)
+    pending, saved_at = [], time.time()                   # pending: logs not yet read (device tensors)
+    try:
+        while step < cfg.total_steps:
+            epoch = step // cfg.steps_per_epoch
+            sampler.set_epoch(epoch, step % cfg.steps_per_epoch)   # a resumed epoch skips the batches done
+            proc.stop.defer = True                        # a stop signal now waits for the end of a step
+            for crops, _ in log.timed(loader):   # timed: the share of time waiting for data
+                views = common.draw_and_apply(photometric, crops, step, cfg, proc)
+                pending.append(train_step(net, criterion, optimizer, scaler, views, step, cfg))
+                step += 1
+                end = step % cfg.steps_per_epoch == 0 or step == cfg.total_steps
+                if step % cfg.log_every and not end:
+                    continue
+                # Every --log-every steps and at an epoch's end: one host sync reads the logs (a NaN
+                # stops the run before it is saved); the processes agree on stopping and saving.
+                logs = common.read_logs(pending, step, ckpt)
+                log.train(epoch, step, logs, optimizer.param_groups[0]["lr"], collapsed(logs, cfg))
+                stop, save_due = common.agree(proc, time.time() - saved_at > 60 * cfg.save_every)
+                if stop or save_due or end:
+                    common.save_checkpoint(ckpt, checkpointed, step, done, cfg, proc)
+                    saved_at = time.time()
+                if stop:
+                    raise common.Stopped(stop, step, ckpt)
+                if step == cfg.total_steps:
+                    break
+            proc.stop.allow()                             # saved: a signal now stops at once
+            if step % cfg.steps_per_epoch == 0:
+                done = monitor(model, criterion, data, cfg, proc, log, step)
+    except common.BadImage:   # one process keeps the steps before it (processes read different images)
+        if proc.world == 1:
+            common.read_logs(pending, step, ckpt)
+            common.save_checkpoint(ckpt, checkpointed, step, done, cfg, proc)
+        raise
+    log.print(f"pretraining done: {step} steps")
+    finish(model, data, cfg, proc, log)
+    proc.close()
 
 
-def monitor(model, criterion, data, cfg, d, log, epoch):
-    """Per-epoch diagnostics: effective ranks, the kernel scale c and kNN of the evaluated backbone."""
-    rec = effective_ranks(model, data, cfg, d)
+def monitor(model, criterion, data, cfg, proc, log, step):
+    """After an epoch: effective ranks, the method's own state, the kNN monitor; returns the epochs done."""
+    epoch = step // cfg.steps_per_epoch
+    rec = effective_ranks(model, data, cfg, proc)
     rec["c"] = criterion.c.item()
-    if cfg.knn_every and epoch % cfg.knn_every == 0:
-        rec.update({f"knn_{k}": v for k, v in evaluate(model.backbone, data, cfg, d, log, "knn").items()})
-    return common.log_epoch(log, epoch, rec)
+    if cfg.labelled and cfg.knn_every and epoch % cfg.knn_every == 0:
+        rec.update({f"knn_{k}": v for k, v in evaluate(model.backbone, "knn", data, cfg, proc, log, "knn").items()})
+    log.epoch(epoch, step, rec)
+    return epoch
 
 
-def finish(model, data, cfg, d, log):
+def finish(model, data, cfg, proc, log):
     """Export the backbone (loads into torchvision's ResNet minus fc) and run the final probe."""
-    if d.is_main:
+    if proc.is_main:
         common.atomic_save(model.backbone.state_dict(), os.path.join(cfg.output_dir, "backbone.pt"))
-    if cfg.probe == "none":
+    if cfg.probe == "none" or not cfg.labelled:
         return
-    results = {"trained": evaluate(model.backbone, data, cfg, d, log, cfg.probe)}
+    results = {"trained": evaluate(model.backbone, "trained", data, cfg, proc, log, cfg.probe)}
     if cfg.baseline:   # what the probe reaches without pretraining: random weights, raw pixels
-        results["random_init"] = evaluate(build(cfg, d)[0].backbone, data, cfg, d, log, cfg.probe)
-        results["raw_pixels"] = evaluate(nn.Flatten(), data, cfg, d, log, cfg.probe)
-    common.report_probes(log, cfg.probe, results)
+        results["random_init"] = evaluate(build(cfg, proc)[0].backbone, "random_init", data, cfg, proc, log, cfg.probe)
+        results["raw_pixels"] = evaluate(nn.Flatten(), "raw_pixels", data, cfg, proc, log, cfg.probe)
+    log.probes(cfg.probe, results)
 
 
 # ============================================================================================
@@ -689,7 +748,11 @@ def finish(model, data, cfg, d, log):
 # ============================================================================================
 
 def main(argv=None):
-    common.launch(train, parse_args(argv), PROG)
+    cfg = parse_args(argv)
+    if cfg.print_config:   # what this command would run with; no data is read
+        common.print_config(cfg, PROG)
+    else:
+        common.launch(train, cfg, PROG)
 
 
 if __name__ == "__main__":

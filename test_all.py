@@ -32,6 +32,7 @@ import corinfomax
 import explicit_mim
 import hydes
 import ssl_hsic
+import synthetic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHOD_FILES = [f for f in ("corinfomax.py", "ssl_hsic.py", "explicit_mim.py", "hydes.py")
@@ -841,7 +842,7 @@ def test_hydes_trains_free_embeddings_below_the_cap():
 def test_hydes_train_step_under_bf16_autocast():
     """Bf16 autocast in the network, float32 loss: finite loss, finite gradients."""
     cfg = hydes.parse_args(["--cpu", "--amp", "bf16"] + [str(a) for a in tiny("hydes.py")])
-    cfg.steps_per_epoch = 4
+    cfg.steps_per_epoch, cfg.use_cuda = 4, False
     model, criterion, optimizer, scaler = hydes.build(cfg, argparse.Namespace(device=torch.device("cpu"), world=1))
     x = torch.randn(2, 8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     logs = hydes.train_step(model, criterion, optimizer, scaler, [x[0], x[1]], 2, cfg)
@@ -912,6 +913,7 @@ def test_lr_schedule_matches_the_official_schedule():
 
 def make_cfg(**kw):
     cfg = corinfomax.parse_args(["--cpu"] + [str(a) for a in TINY])
+    cfg.use_cuda = False
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -1015,7 +1017,7 @@ def test_ssl_hsic_model_and_optimizer_groups():
 
 def test_ssl_hsic_train_step_updates_target_by_the_tau_schedule():
     cfg = hsic_tiny_cfg("--eval-ema", "0.9")
-    cfg.steps_per_epoch = 10
+    cfg.steps_per_epoch, cfg.use_cuda = 10, False
     model, criterion, optimizer, scaler = ssl_hsic.build(cfg, argparse.Namespace(device=torch.device("cpu"),
                                                                                    world=1))
     model.train()
@@ -1168,12 +1170,12 @@ def test_sampler_global_batches_do_not_depend_on_world_size():
 
 def test_views_are_seeded_per_item():
     cfg = make_cfg()
-    base = common.TensorImages(*common.make_synthetic(4, 16))
+    base = common.tensor_images(*synthetic.make(4, 16))
     ds = common.Views(base, [geometric for geometric, _ in corinfomax.pretrain_views(cfg)])
     (a1, a2), y = ds[(1, 123)]
     torch.manual_seed(999)    # the global RNG does not matter
     (b1, b2), _ = ds[(1, 123)]
-    assert torch.equal(a1, b1) and torch.equal(a2, b2) and y == int(base.targets[1])
+    assert torch.equal(a1, b1) and torch.equal(a2, b2) and y == int(base.tensors[1][1])
     (c1, _), _ = ds[(1, 124)]
     assert not torch.equal(a1, c1)
     assert a1.shape == (3, 16, 16) and a1.dtype == torch.uint8   # the crops; colour comes on the device
@@ -1273,19 +1275,19 @@ def test_augment_is_seeded_by_step_and_shared_across_processes():
     crops = [torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(v))
              for v in range(2)]
     one = argparse.Namespace(rank=0, device=torch.device("cpu"))
-    whole = common.augment(photometric, crops, 5, cfg, one)
-    assert all(torch.equal(a, b) for a, b in zip(whole, common.augment(photometric, crops, 5, cfg, one)))
-    assert not torch.equal(whole[0], common.augment(photometric, crops, 6, cfg, one)[0])
+    whole = common.draw_and_apply(photometric, crops, 5, cfg, one)
+    assert all(torch.equal(a, b) for a, b in zip(whole, common.draw_and_apply(photometric, crops, 5, cfg, one)))
+    assert not torch.equal(whole[0], common.draw_and_apply(photometric, crops, 6, cfg, one)[0])
     # two processes with 4 images each make the same views as one process with all 8
-    halves = [common.augment(photometric, [c[4 * r:4 * r + 4] for c in crops], 5, cfg,
+    halves = [common.draw_and_apply(photometric, [c[4 * r:4 * r + 4] for c in crops], 5, cfg,
                                  argparse.Namespace(rank=r, device=torch.device("cpu"))) for r in (0, 1)]
     for v in range(2):
         torch.testing.assert_close(torch.cat([halves[0][v], halves[1][v]]), whole[v], rtol=0, atol=1e-6)
 
 
 def test_synthetic_is_deterministic_and_balanced():
-    x, y = common.make_synthetic(200, 20, seed=4)
-    x2, y2 = common.make_synthetic(200, 20, seed=4)
+    x, y = synthetic.make(200, 20, seed=4)
+    x2, y2 = synthetic.make(200, 20, seed=4)
     assert torch.equal(x, x2) and torch.equal(y, y2)
     assert x.shape == (200, 3, 20, 20) and x.dtype == torch.uint8
     assert torch.bincount(y).tolist() == [20] * 10
@@ -1310,36 +1312,41 @@ def test_fashion_mnist_reader(tmp_path):
     assert xs.shape == (3, 1, 28, 28) and torch.equal(xs[:, 0], torch.from_numpy(x.astype(np.uint8)))
     assert ys.tolist() == y.tolist()
     cfg = make_cfg(data="fashionmnist", data_dir=str(tmp_path), image_size=28)
-    train, probe, test, classes = common.load_datasets(cfg)
+    train, probe, test, classes = common.load_datasets(cfg, corinfomax.PRESETS)
     assert len(train) == 7 and len(test) == 3 and classes == 10
     assert train[0][0].shape == (3, 28, 28)    # grey repeated to three channels
     with pytest.raises(common.UsageError, match="dataset-fashion-mnist"):
-        common.load_datasets(make_cfg(data="fashionmnist", data_dir=str(tmp_path / "nope")))
+        common.load_datasets(make_cfg(data="fashionmnist", data_dir=str(tmp_path / "nope")), corinfomax.PRESETS)
 
 
-def test_cifar_readers(tmp_path):
+def test_cifar_and_stl10_are_read_by_torchvision_as_uint8_tensors(tmp_path, monkeypatch):
+    """CIFAR-10/100 and STL-10 in torchvision's layout, read by torchvision.datasets (their md5
+    check skipped: these files are made here) into in-memory uint8 (N, 3, H, W) sets."""
+    for module in (torchvision.datasets.cifar, torchvision.datasets.stl10):
+        monkeypatch.setattr(module, "check_integrity", lambda *a, **k: True)
     rng = np.random.default_rng(1)
     c10 = tmp_path / "cifar-10-batches-py"
     c10.mkdir()
     batches = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batches[name] = (rng.integers(0, 256, (4, 3072)).astype(np.uint8), rng.integers(0, 10, 4).tolist())
-        with open(c10 / name, "wb") as f:
-            pickle.dump({b"data": batches[name][0], b"labels": batches[name][1]}, f)
-    x, y = common.read_cifar(str(tmp_path), 10, train=True)
-    assert x.shape == (20, 3, 32, 32)
-    assert y.tolist() == sum((batches[f"data_batch_{i}"][1] for i in range(1, 6)), [])
-    assert torch.equal(x[4].flatten(), torch.from_numpy(batches["data_batch_2"][0][0]))
+        pickle.dump({"data": batches[name][0], "labels": batches[name][1]}, open(c10 / name, "wb"))
+    pickle.dump({"label_names": [str(k) for k in range(10)]}, open(c10 / "batches.meta", "wb"))
+    train, probe, test, classes = common.load_datasets(make_cfg(data="cifar10", data_dir=str(tmp_path)),
+                                                       corinfomax.PRESETS)
+    assert classes == 10 and len(train) == 20 and probe is train and len(test) == 4
+    assert train.tensors[1].tolist() == sum((batches[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    image, label = train[4]   # the first image of data_batch_2, channels first
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+    assert torch.equal(image.flatten(), torch.from_numpy(batches["data_batch_2"][0][0]))
     c100 = tmp_path / "cifar-100-python"
     c100.mkdir()
     for name in ("train", "test"):
-        with open(c100 / name, "wb") as f:
-            pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [5, 99]}, f)
-    train, _, test, classes = common.load_datasets(make_cfg(data="cifar100", data_dir=str(tmp_path)))
-    assert classes == 100 and len(train) == 2 and test.targets.tolist() == [5, 99]
-
-
-def test_stl10_reader(tmp_path):
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "fine_labels": [5, 99]}, open(c100 / name, "wb"))
+    pickle.dump({"fine_label_names": [str(k) for k in range(100)]}, open(c100 / "meta", "wb"))
+    train, _, test, classes = common.load_datasets(make_cfg(data="cifar100", data_dir=str(tmp_path)),
+                                                   corinfomax.PRESETS)
+    assert classes == 100 and len(train) == 2 and test.tensors[1].tolist() == [5, 99]
     folder = tmp_path / "stl10_binary"
     folder.mkdir()
     x = np.random.default_rng(2).integers(0, 256, (3, 3, 96, 96)).astype(np.uint8)
@@ -1347,10 +1354,13 @@ def test_stl10_reader(tmp_path):
         x.transpose(0, 1, 3, 2).tofile(folder / f"{split}_X.bin")   # STL stores columns first
     np.array([1, 10, 3], np.uint8).tofile(folder / "train_y.bin")
     np.array([2, 2, 2], np.uint8).tofile(folder / "test_y.bin")
-    xs, ys = common.read_stl10(str(tmp_path), "train")
-    assert torch.equal(xs, torch.from_numpy(x)) and ys.tolist() == [0, 9, 2]
-    pre, probe, test, classes = common.load_datasets(make_cfg(data="stl10", data_dir=str(tmp_path)))
-    assert len(pre) == 6 and len(probe) == 3 and classes == 10
+    pre, probe, test, classes = common.load_datasets(make_cfg(data="stl10", data_dir=str(tmp_path)),
+                                                     corinfomax.PRESETS)
+    assert len(pre) == 6 and len(probe) == 3 and classes == 10 and probe.tensors[1].tolist() == [0, 9, 2]
+    assert torch.equal(probe.tensors[0], torch.from_numpy(x)) and int(pre[4][1]) == -1   # unlabeled: -1
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: False)
+    with pytest.raises(common.UsageError, match="cifar10 not readable in .*--download"):
+        common.load_datasets(make_cfg(data="cifar10", data_dir=str(tmp_path)), corinfomax.PRESETS)
 
 
 # ============================================================================================
@@ -1520,7 +1530,7 @@ def test_missing_data_directory(tmp_path, script):
     proc = run_script("--data", "cifar10", "--data-dir", tmp_path / "nowhere", "--output-dir", tmp_path / "o",
                       script=script)
     line = assert_one_line_error(proc)
-    assert "CIFAR-10 not found" in line and "--data-dir" in line
+    assert f"cifar10 not readable in {tmp_path / 'nowhere'}" in line and "--data-dir" in line and "--download" in line
     assert not (tmp_path / "o").exists()
     proc = run_script("--data", tmp_path / "nofolder", "--output-dir", tmp_path / "o", script=script)
     assert "train/" in assert_one_line_error(proc)
@@ -1740,7 +1750,7 @@ def test_a_second_signal_stops_at_once(monkeypatch):
     stop = common.StopRequest()
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGTERM, None)                     # not training: at once
-    stop.training = True
+    stop.defer = True
     stop._handle(signal.SIGTERM, None)
     stop._handle(signal.SIGTERM, None)                         # a duplicate
     assert stop.name == "SIGTERM"
@@ -1902,10 +1912,10 @@ def test_readme_commands_work(tmp_path):
 BANNERS = ["Config", "Loss", "Networks", "Augmentation", "Data", "Optimisation", "Evaluation",
            "Training", "Main"]
 # Definitions that must be identical in every method file.
-SHARED = ["IMAGENET_NORM", "make_backbone", "BICUBIC", "normalize", "crop", "Photometric", "probe_train_view",
-          "test_view", "pretrain_loader", "knn_accuracy", "cached_probe", "linear_probe", "effective_ranks",
-          "evaluate", "build", "train", "finish", "main"]
-BUDGETS = {"corinfomax.py": 600, "explicit_mim.py": 600, "hydes.py": 600, "ssl_hsic.py": 700}
+SHARED = ["IMAGENET_NORM", "make_backbone", "BICUBIC", "normalize", "crop", "probe_train_view", "test_view",
+          "pretrain_loader", "knn_accuracy", "knn_k", "cached_probe", "probe_lr_at", "linear_probe",
+          "effective_ranks", "evaluate", "build", "parallel", "train", "finish", "main"]
+BUDGETS = {"corinfomax.py": 650, "explicit_mim.py": 650, "hydes.py": 650, "ssl_hsic.py": 760}
 
 
 def _sections(path):
@@ -1945,9 +1955,9 @@ def test_shared_sections_identical_across_method_files():
     # Pairs of methods that share more: the two log-det methods their networks, views, training
     # step and schedule; SSL-HSIC and HyDeS their LARS and LR schedule.
     for pair, names in ((("corinfomax.py", "explicit_mim.py"),
-                         ["COMMON", "logdet_pd", "cov", "collapsed", "make_projector", "Model", "pretrain_views",
+                         ["Photometric", "logdet_pd", "cov", "collapsed", "make_projector", "Model", "pretrain_views",
                           "make_optimizer", "train_step", "lr_at"]),
-                        (("ssl_hsic.py", "hydes.py"), ["LARS", "lr_at"])):
+                        (("ssl_hsic.py", "hydes.py"), ["LARS", "lr_at"]), (("corinfomax.py", "hydes.py"), ["Photometric"])):
         a, b = (_definitions(p) for p in pair)
         for name in names:
             assert a[name] == b[name], f"{name} differs between {pair[0]} and {pair[1]}"
@@ -1968,3 +1978,216 @@ def test_cholesky_logdets_match_slogdet_and_flag_indefinite_matrices():
     both = corinfomax.logdet_pd(torch.stack([S, -S]))
     assert both[0].item() == pytest.approx(np.linalg.slogdet(S.numpy())[1], rel=1e-12) and both[1].isnan()
     assert all(t.isnan() for t in explicit_mim.mi_terms(S, 3, -10.0))
+
+
+# ============================================================================================
+# At the headline scale: what each process extracts, gathers, computes in float32, runs per step
+# ============================================================================================
+
+def _proc(world=1, rank=0, device="cpu", local_world=1):
+    """A stand-in for common.ThisProcess: the fields the helpers read."""
+    return argparse.Namespace(rank=rank, world=world, device=torch.device(device), local_world=local_world,
+                              is_main=rank == 0, local_rank=rank)
+
+
+class _CountingBackbone(nn.Module):
+    """Flattens images and counts how many it has seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen, self.lin = 0, nn.Linear(3 * 16 * 16, 8)
+
+    def forward(self, x):
+        self.seen += len(x)
+        return self.lin(x.flatten(1))
+
+
+def test_knn_monitor_extracts_only_its_bank_and_scales_k_to_the_smallest_class():
+    """On a labelled set larger than the bank, one kNN evaluation runs the backbone on exactly
+    bank + test images; k is at most a fifth of the bank's smallest class."""
+    cfg = make_cfg(knn_bank=30)
+    train, test = common.tensor_images(*synthetic.make(200, 16, seed=0)), common.tensor_images(*synthetic.make(40, 16, 1))
+    data = common.Datasets(train, train, test, 10)
+    backbone = _CountingBackbone()
+    acc = corinfomax.evaluate(backbone, "knn", data, cfg, _proc(), None, "knn")
+    assert backbone.seen == 30 + 40 and 0 <= acc["top1"] <= 100
+    bank_labels = data.probe.tensors[1][common.fixed_subset(200, 30)]
+    assert acc["k"] == max(1, torch.bincount(bank_labels, minlength=10)[torch.bincount(bank_labels) > 0].min() // 5)
+    assert corinfomax.knn_k(torch.arange(10).repeat(400), 10) == 80 and corinfomax.knn_k(torch.zeros(5000).long(), 1) == 200
+
+
+def test_effective_ranks_use_a_fixed_random_subset_not_the_first_images(monkeypatch):
+    """An image folder is sorted by class: the effective-rank monitor reads a fixed random subset,
+    the same at every call (and on every rank: it depends on the seed only)."""
+    subset = common.fixed_subset(10000, 2048)
+    assert subset == common.fixed_subset(10000, 2048) and subset == sorted(subset) and len(set(subset)) == 2048
+    assert subset[-1] > 9000 and subset != list(range(2048))
+    seen = []
+    monkeypatch.setattr(common, "extract", lambda net, base, *a: seen.append(list(base.indices)) or
+                        (torch.randn(len(base), 4, generator=torch.Generator().manual_seed(0)),))
+    data = common.Datasets(common.tensor_images(*synthetic.make(3000, 16)), None, None, 0)
+    corinfomax.effective_ranks(corinfomax.Model(make_cfg()), data, make_cfg(), _proc())
+    assert seen == [common.fixed_subset(3000, 2048)] * 2
+
+
+@pytest.mark.parametrize("script", METHOD_FILES)
+def test_embeddings_are_float32_computed_in_float32_under_bf16_autocast(script):
+    """Under CPU bf16 autocast, the embeddings that reach the loss equal the float32 computation of
+    the projector's (predictor's) last layer and the normalisation from the same hidden
+    activations, to float32 precision: no bf16 rounding (3 digits) reaches the log-dets."""
+    module = MODULES[script]
+    cfg = module.parse_args(["--cpu", "--amp", "bf16"] + [str(a) for a in tiny(script)])
+    cfg.use_cuda = False
+    model = module.Model(cfg).eval()
+    head = model.predictor if script == "ssl_hsic.py" else model.projector
+    trunk = model.online if script == "ssl_hsic.py" else model.backbone
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with common.autocast(cfg):
+        z = model(x)
+        hidden = head[:-1](trunk(x))
+    assert hidden.dtype == torch.bfloat16 and z.dtype == torch.float32
+    want = F.normalize(hidden.double() @ head[-1].weight.double().T, dim=1)
+    torch.testing.assert_close(z.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_cores_come_from_this_process_affinity_not_the_machine(monkeypatch):
+    """Under SLURM or a cgroup with 4 of 128 cores, 2 processes per node get 2 threads each (and 1
+    loader worker each on CUDA), not 64."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    data, cfg = common.Datasets(range(64), None, None, 10), make_cfg(threads=None, workers=None)
+    cpu = common.derive(cfg, data, _proc(world=2, local_world=2), "corinfomax.py")
+    cuda = common.derive(cfg, data, _proc(world=2, local_world=2, device="cuda"), "corinfomax.py")
+    assert (cpu.threads, cpu.workers, cuda.threads, cuda.workers) == (2, 0, 2, 1)
+    with pytest.raises(AttributeError, match="fixed once the run starts"):
+        cpu.lr = 1.0                                     # nothing changes cfg after the derived block
+    monkeypatch.delattr(os, "sched_getaffinity")         # a platform without it: the machine's count
+    assert common.derive(cfg, data, _proc(local_world=2), "corinfomax.py").threads == 64
+
+
+def _compile_order_run(rank, world, port, out):
+    _join_gloo(rank, world, port)
+    cfg = make_cfg(compile=True)
+    model = _tiny_model(3)
+    net = corinfomax.parallel(model, cfg, _proc(world=world, rank=rank))
+    torch.save([type(net).__name__, type(net._orig_mod).__name__, net._orig_mod.module is model], f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_compile_wraps_ddp_not_the_other_way_round(tmp_path):
+    """--compile compiles the DDP wrapper (DDP can then overlap its all-reduce with the compiled
+    backward); the checkpointed model itself keeps its names."""
+    mp.spawn(_compile_order_run, args=(2, common.free_port(), str(tmp_path)), nprocs=2)
+    assert torch.load(tmp_path / "0.pt") == ["OptimizedModule", "DistributedDataParallel", True]
+
+
+def _empty_shard_run(rank, world, port, out):
+    _join_gloo(rank, world, port)
+    base = common.tensor_images(*synthetic.make(1, 16))       # one image: rank 1 holds no shard
+    f, y = common.extract(_CountingBackbone(), base, lambda x: x.float(), make_cfg(), _proc(world, rank))
+    torch.save((f.shape, y.tolist()), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_rank_without_an_evaluation_shard_sends_features_of_the_right_width(tmp_path):
+    mp.spawn(_empty_shard_run, args=(2, common.free_port(), str(tmp_path)), nprocs=2)
+    assert torch.load(tmp_path / "0.pt") == torch.load(tmp_path / "1.pt") == (torch.Size([1, 8]), [
+        int(synthetic.make(1, 16)[1][0])])
+
+
+def test_stop_and_save_agreement_runs_every_log_every_steps_not_every_step(tmp_path, monkeypatch):
+    """The host-side collective that agrees on stopping and saving runs at the --log-every steps,
+    each epoch's end and the last step: 4 times in 12 steps (8 per epoch, --log-every 5), not 12."""
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    calls = []
+    real = common.agree
+    monkeypatch.setattr(common, "agree", lambda proc, due: calls.append(1) or real(proc, due))
+    cfg = corinfomax.parse_args([str(a) for a in tiny("corinfomax.py")] + ["--synthetic-train", "128", "--max-steps",
+                                "12", "--log-every", "5", "--output-dir", str(tmp_path / "o"), "--cpu"])
+    corinfomax.train(cfg)
+    assert len(calls) == 4                     # steps 5, 8 (epoch end), 10, 12 (the last)
+    steps = [r["step"] for r in map(json.loads, open(tmp_path / "o" / "metrics.jsonl")) if r["event"] == "train"]
+    assert steps == [5, 8, 10, 12]
+
+
+# ============================================================================================
+# Evaluation protocol: the official linear probes, checkpointed and resumed
+# ============================================================================================
+
+def byol_learning_schedule(step, batch_size, base_lr, total_steps, warmup_steps):
+    """byol/utils/schedules.py (learning_schedule, _cosine_decay), transcribed: SSL-HSIC's probe LR."""
+    scaled = base_lr * batch_size / 256.0
+    if step < warmup_steps:
+        return step / warmup_steps * scaled
+    s = min(step - warmup_steps, total_steps - warmup_steps)
+    return scaled * 0.5 * (1 + math.cos(math.pi * s / (total_steps - warmup_steps)))
+
+
+def test_probe_protocols_are_the_official_ones():
+    """SSL-HSIC (eval_config.py): batch 4096, 0.5 x B/256, 100 warm-up steps, per-step cosine to 0
+    over 90 epochs, head EMA 0.999. CorInfoMax (cifars-tiny/main_linear.py, optim_utils.py):
+    batch 256, per-epoch CosineAnnealingLR to lr/100 (0.2 -> 2e-3)."""
+    cfg = ssl_hsic.parse_args(["--data", "imagenet", "--cpu"])
+    assert (cfg.probe_batch, cfg.probe_lr, cfg.probe_lr_scaling, cfg.probe_warmup_steps, cfg.probe_schedule,
+            cfg.probe_head_ema, cfg.probe_epochs) == (4096, 0.5, "batch/256", 100, "cosine-steps", 0.999, 90)
+    per_epoch = 1281167 // 4096
+    for step in (0, 1, 50, 99, 100, 101, 5000, 90 * per_epoch - 1):
+        assert ssl_hsic.probe_lr_at(cfg, step, per_epoch) == pytest.approx(
+            byol_learning_schedule(step, 4096, 0.5, 90 * per_epoch, 100), rel=1e-12, abs=1e-15)
+    cim = corinfomax.parse_args(["--data", "cifar10", "--cpu"])
+    assert (cim.probe_batch, cim.probe_lr, cim.probe_warmup_steps, cim.probe_head_ema) == (256, 0.2, 0, 0.0)
+    head = nn.Linear(2, 2)
+    opt = torch.optim.SGD(head.parameters(), lr=0.2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 100, eta_min=2e-3)
+    for epoch in range(100):
+        assert corinfomax.probe_lr_at(cim, epoch * 195 + 7, 195) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        sched.step()
+
+
+def test_linear_probe_is_checkpointed_each_epoch_and_resumes_exactly(tmp_path):
+    """The final linear probe saves itself after every epoch; a run stopped during it resumes the
+    probe where it was and ends with the same head and accuracy as a run never stopped."""
+    args = [*tiny("ssl_hsic.py"), "--max-steps", 1, "--probe", "linear", "--probe-epochs", 3, "--probe-batch", 16,
+            "--probe-warmup-steps", 2]
+    straight = run_script(*args, "--output-dir", tmp_path / "a", script="ssl_hsic.py")
+    assert straight.returncode == 0, straight.stderr
+    code, out, err = _run_until([*args, "--output-dir", tmp_path / "b"], "ssl_hsic.py", [signal.SIGTERM],
+                                after="probe trained epoch 1/3")
+    assert code == 130 and "interrupted; the last checkpoint is kept" in err, out + err
+    done = torch.load(tmp_path / "b" / "probe-trained.pt", weights_only=True)["step"]
+    assert 1 <= done < 3
+    resumed = run_script(*args, "--output-dir", tmp_path / "b", script="ssl_hsic.py")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"probe trained: resuming at epoch {done}" in resumed.stdout
+    a, b = (torch.load(tmp_path / f / "probe-trained.pt", weights_only=True) for f in "ab")
+    assert all(torch.equal(a[p][k], b[p][k]) for p in ("head", "ema") for k in a[p])
+    final = [l for l in straight.stdout.splitlines() if l.startswith("linear probe")]
+    assert final and final == [l for l in resumed.stdout.splitlines() if l.startswith("linear probe")]
+
+
+def test_a_stop_after_an_epochs_last_step_runs_its_monitor_on_resume(tmp_path):
+    """Stopped at the end of epoch 1 (by the signal agreed at its last step, or during its
+    monitor), the resumed run first runs the monitor of epoch 1, then goes on."""
+    args = [*tiny("corinfomax.py"), "--max-steps", 6]
+    code, out, err = _run_until([*args, "--output-dir", tmp_path / "o"], "corinfomax.py", [signal.SIGTERM],
+                                after="step 4/6")
+    assert code in (130, 128 + signal.SIGTERM) and "epoch 1:" not in out, out + err
+    assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["step"] == 4
+    resumed = run_script(*args, "--output-dir", tmp_path / "o")
+    assert resumed.returncode == 0, resumed.stderr
+    epochs = [r["epoch"] for r in map(json.loads, open(tmp_path / "o" / "metrics.jsonl")) if r["event"] == "epoch"]
+    assert epochs == [1] and resumed.stdout.index("epoch 1:") < resumed.stdout.index("step 5/6")
+
+
+@pytest.mark.parametrize("script", METHOD_FILES)
+def test_print_config_shows_every_value_and_its_source_without_reading_data(tmp_path, script):
+    proc = run_script("--data", "fashionmnist", "--data-dir", tmp_path / "nowhere", "--lr", 2, "--print-config",
+                      script=script)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    rows = {l.split()[0]: l.split()[-1] for l in proc.stdout.splitlines()[1:]}
+    module = MODULES[script]
+    assert set(rows) == set(module.DEFAULTS)
+    assert rows["lr"] == "flag" and rows["batch_size"] == "preset" and rows["seed"] == "default"
+    assert all(rows[k] == "preset" for k in module.PRESETS["fashionmnist"] if k != "lr")
+    assert not (tmp_path / "nowhere").exists()

@@ -78,7 +78,7 @@ def parse(argv):
     cfg = module.parse_args(rest)
     if cfg.gpus != 1:
         raise common.UsageError("the benchmark times one process; leave --gpus at 1")
-    cfg.bench_steps = args.bench_steps or (40 if cfg.use_cuda else 15)
+    cfg.bench_steps = args.bench_steps or (40 if torch.cuda.is_available() and not cfg.cpu else 15)
     cfg.bench_sizes = batch_sizes(args.bench_sizes)
     return module, cfg
 
@@ -126,13 +126,13 @@ def crop_rate(images, cfg):
     return batch[0], rate
 
 
-def step_times(module, model, losses, optimizer, scaler, views, cfg, d, block=5):
+def step_times(module, model, losses, optimizer, scaler, views, cfg, proc, block=5):
     """ms per train_step with each loss of `losses` ({key prefix: loss}) and, on CUDA, the peak
     memory, from blocks of `block` steps run back to back, the losses taking turns."""
     def run(loss_fn, first, n):
         for step in range(first, first + n):
             module.train_step(model, loss_fn, optimizer, scaler, views, step, cfg)
-    cuda = d.device.type == "cuda"
+    cuda = proc.device.type == "cuda"
     for loss_fn in losses.values():
         run(loss_fn, 0, 2)    # warm-up: the allocator, cuDNN's algorithm search, compilation
     block = min(block, cfg.bench_steps)
@@ -140,10 +140,10 @@ def step_times(module, model, losses, optimizer, scaler, views, cfg, d, block=5)
     for first in range(2, 2 + cfg.bench_steps, block):
         for name, loss_fn in losses.items():
             if cuda:
-                torch.cuda.reset_peak_memory_stats(d.device)
-            times[name].append(timed(lambda: run(loss_fn, first, block), d.device) / block)
+                torch.cuda.reset_peak_memory_stats(proc.device)
+            times[name].append(timed(lambda: run(loss_fn, first, block), proc.device) / block)
             if cuda:
-                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(d.device))
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(proc.device))
     res = {}
     for name, t in times.items():
         ms = 1000 * statistics.median(t)
@@ -153,21 +153,21 @@ def step_times(module, model, losses, optimizer, scaler, views, cfg, d, block=5)
     return res
 
 
-def loss_times(loss_fn, inputs, cfg, d):
+def loss_times(loss_fn, inputs, cfg, proc):
     """Forward + backward of the loss alone, {global batch N: median ms of 5 calls after one
     warm-up}, on random unit embeddings shaped like a step's with N rows."""
     res = {}
     for n in cfg.bench_sizes:
-        z = [F.normalize(torch.randn(*shape[:-2], n, shape[-1], device=d.device), dim=-1).requires_grad_(grad)
+        z = [F.normalize(torch.randn(*shape[:-2], n, shape[-1], device=proc.device), dim=-1).requires_grad_(grad)
              for shape, grad in inputs]
-        ms = 1000 * statistics.median([timed(lambda: loss_fn(*z)[0].backward(), d.device) for _ in range(6)][1:])
+        ms = 1000 * statistics.median([timed(lambda: loss_fn(*z)[0].backward(), proc.device) for _ in range(6)][1:])
         res[n] = round(ms, 3)
         if ms > 1000:
             break
     return res
 
 
-def data_wait(module, model, criterion, optimizer, scaler, loader, photometric, cfg, d):
+def data_wait(module, model, criterion, optimizer, scaler, loader, photometric, cfg, proc):
     """Share of wall time a short run (the loader with its workers, the photometric half,
     train_step) waits for the loader, from the second batch on (the first starts the workers)."""
     waited, asked = 0.0, time.perf_counter()
@@ -175,38 +175,39 @@ def data_wait(module, model, criterion, optimizer, scaler, loader, photometric, 
         if step == 1:
             waited, start = 0.0, asked
         waited += time.perf_counter() - asked
-        views = common.augment(photometric, crops, step, cfg, d)
+        views = common.draw_and_apply(photometric, crops, step, cfg, proc)
         module.train_step(model, criterion, optimizer, scaler, views, step, cfg)
         asked = time.perf_counter()
-    if d.device.type == "cuda":
-        torch.cuda.synchronize(d.device)   # the clock stops when the queued steps are done
+    if proc.device.type == "cuda":
+        torch.cuda.synchronize(proc.device)   # the clock stops when the queued steps are done
     return waited / (time.perf_counter() - start)
 
 
 def benchmark(module, cfg):
-    d = common.setup(cfg)
+    proc = common.ThisProcess(cfg)
     # Enough batches for a short run several times longer than the loader's prefetch queue.
-    n = cfg.batch_size * (cfg.bench_steps + 3 + 6 * cfg.workers)
+    n = cfg.batch_size * (cfg.bench_steps + 3 + 6 * (cfg.workers or 0))
     pixels = torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(cfg.seed))
-    dataset = common.TensorImages(pixels, torch.zeros(n, dtype=torch.long))
-    sampler, loader, photometric = module.pretrain_loader(dataset, cfg, d)
-    cfg.steps_per_epoch = len(sampler)
-    model, criterion, optimizer, scaler = module.build(cfg, d)
-    model.train()
-    res = {"method": module.PROG.removesuffix(".py"), "preset": cfg.preset, "device": device_name(d.device),
+    dataset = common.tensor_images(pixels, torch.zeros(n, dtype=torch.long))
+    cfg = common.derive(cfg, common.Datasets(dataset, dataset, dataset, 1), proc, module.PROG)
+    torch.set_num_threads(cfg.threads)
+    sampler, loader, photometric = module.pretrain_loader(dataset, cfg, proc)
+    model, criterion, optimizer, scaler = module.build(cfg, proc)
+    model = module.parallel(model, cfg, proc)     # compiled with --compile, as training runs it
+    res = {"method": module.PROG.removesuffix(".py"), "preset": cfg.preset, "device": device_name(proc.device),
            "threads": torch.get_num_threads(), "amp": cfg.amp, "compile": cfg.compile, "batch_size": cfg.batch_size}
     crops, res["augment_img_per_s_per_worker"] = crop_rate(loader.dataset, cfg)
-    ms = [timed(lambda: common.augment(photometric, crops, 0, cfg, d), d.device) for _ in range(4)]
+    ms = [timed(lambda: common.draw_and_apply(photometric, crops, 0, cfg, proc), proc.device) for _ in range(4)]
     res["device_augment_ms"] = 1000 * statistics.median(ms[1:])
-    views = common.augment(photometric, crops, 0, cfg, d)
+    views = common.draw_and_apply(photometric, crops, 0, cfg, proc)
     trivial = TrivialLoss()
-    res.update(step_times(module, model, {"": criterion, "trivial_": trivial}, optimizer, scaler, views, cfg, d))
+    res.update(step_times(module, model, {"": criterion, "trivial_": trivial}, optimizer, scaler, views, cfg, proc))
     res["step_overhead"] = res["step_ms"] / res["trivial_step_ms"]
     for key, variant in loss_variants(module, cfg).items():
-        res[key] = loss_times(variant.to(d.device), trivial.inputs, cfg, d)
+        res[key] = loss_times(variant.to(proc.device), trivial.inputs, cfg, proc)
     res["workers"] = cfg.workers
-    res["data_wait"] = data_wait(module, model, criterion, optimizer, scaler, loader, photometric, cfg, d)
+    res["data_wait"] = data_wait(module, model, criterion, optimizer, scaler, loader, photometric, cfg, proc)
     print_table(res)
     print(json.dumps(res), flush=True)
 
