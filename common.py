@@ -1,6 +1,6 @@
 """A toolbox of mechanics for the four method files; nothing here decides what a run does next
 (each method file's train() holds the loop): the command line, processes, datasets and the
-sampler, checkpoints, stop signals, logging, photometric formulas on a batch, feature extraction.
+sampler, checkpoints, stop signals, logging, feature extraction. image_ops.py: the photometric formulas.
 """
 import argparse
 import collections
@@ -32,8 +32,7 @@ class UsageError(Exception):
 
 
 class BadImage(UsageError):
-    """An image file that cannot be decoded. Raised in a loader worker, it reaches the main
-    process wrapped in the worker's traceback, whose last line holds the original message."""
+    """An undecodable image file; from a loader worker it arrives in a traceback ending in the message."""
 
     def __init__(self, message):
         super().__init__(re.sub(r"^\S*BadImage: ", "", message.strip().splitlines()[-1]))
@@ -54,8 +53,7 @@ class Stopped(Exception):
 def run_cli(main, prog):
     """Run `main()`, turning the errors a user can cause into one clear line on stderr."""
     try:
-        main()
-        return
+        return main()
     except UsageError as e:
         message, code = f"error: {e}", 2
     except (NonFiniteLoss, Stopped) as e:
@@ -126,7 +124,7 @@ SHARED_FLAGS = [   # (group, flag, type, or choices, or "switch" / "on-off", hel
     ("optimisation", "--wd", NONNEGATIVE, "weight decay"),
     ("optimisation", "--momentum", RATE, None),
     ("optimisation", "--amp", ("bf16", "fp16", "off"), "default: bf16 on CUDA, off on CPU"),
-    ("evaluation", "--probe", ("linear", "cached", "none"), "linear: the paper's protocol; cached: fast, for short runs"),
+    ("evaluation", "--probe", ("linear", "cached", "none"), "linear: the paper's protocol; cached: fast, short runs"),
     ("evaluation", "--probe-epochs", POSITIVE_INT, None),
     ("evaluation", "--probe-batch", POSITIVE_INT, "linear probe: global batch"),
     ("evaluation", "--probe-lr", POSITIVE, "linear probe: base learning rate"),
@@ -223,71 +221,6 @@ def derive(cfg, data, proc, prog):
 
 
 # ============================================================================================
-# Photometric ops on a batch, one parameter per image
-# ============================================================================================
-# Float images in [0, 1], any device; torchvision's formulas. The recipes that draw the parameters
-# are in the method files (Augmentation, class Photometric).
-
-def grayscale(x):
-    """Luma (B, 3, H, W) -> (B, 1, H, W), torchvision's rgb_to_grayscale weights."""
-    r, g, b = x.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b)[:, None]
-
-
-def blend(x, y, f):
-    """f x + (1 - f) y clamped to [0, 1] (torchvision's _blend): brightness (y = 0), contrast
-    (y = mean luma) and saturation (y = luma); f = 1 is x."""
-    f = f[:, None, None, None]
-    return (f * x + (1 - f) * y).clamp(0, 1)
-
-
-def hue(x, f):
-    """Turn the HSV hue of image b by f[b] turns (f = 0: unchanged), keeping S and V. h from the
-    channel holding V = max (R before G before B, as torchvision); back to RGB by
-    V - C clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, n = 5, 3, 1 for R, G, B, C = max - min."""
-    r, g, b = x.unbind(1)
-    v = x.amax(1)
-    c = v - x.amin(1)
-    c_safe = torch.where(c > 0, c, 1.0)   # grey pixels (C = 0): any h will do, they stay grey
-    h = torch.where(v == r, (g - b) / c_safe, torch.where(v == g, 2 + (b - r) / c_safe, 4 + (r - g) / c_safe))
-    k = torch.stack([(n + 6 * ((h / 6 + f[:, None, None]) % 1)) % 6 for n in (5, 3, 1)], 1)
-    return v[:, None] - c[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
-
-
-JITTER = {"brightness": lambda x, f: blend(x, torch.zeros_like(x), f),
-          "contrast": lambda x, f: blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), f),
-          "saturation": lambda x, f: blend(x, grayscale(x), f), "hue": hue}
-
-
-def gaussian_blur(x, sigma, taps, padding="reflect"):
-    """Blur image b by sigma[b]: `taps` samples of exp(-t^2 / 2 sigma^2), normalised, separable;
-    reflect padding (torchvision) or "zeros" (TensorFlow's SAME). sigma near 0: the identity."""
-    B, C, H, W = x.shape
-    t = torch.arange(taps, device=x.device, dtype=x.dtype) - (taps - 1) / 2
-    kernel = torch.softmax(-(t / sigma[:, None]) ** 2 / 2, dim=1).repeat_interleave(C, 0)   # (B C, taps)
-    y = F.pad(x.reshape(1, B * C, H, W), (taps // 2,) * 4, mode="constant" if padding == "zeros" else padding)
-    y = F.conv2d(y, kernel[:, None, None, :], groups=B * C)
-    return F.conv2d(y, kernel[:, None, :, None], groups=B * C).reshape(B, C, H, W)
-
-
-def solarize(x, on, threshold=128 / 255):
-    """Invert the pixels at or above `threshold` (PIL's 128) of the images with on[b]."""
-    return torch.where(on[:, None, None, None] & (x >= threshold), 1 - x, x)
-
-
-def draw_and_apply(photometric, crops, step, cfg, proc):
-    """The photometric half of each view of this process's uint8 crops, on its device. The choices
-    are drawn for the global batch, seeded by (seed, step, view), and each process takes its rows:
-    the views depend neither on the number of processes nor on a resume."""
-    views = []
-    for v, (p, x) in enumerate(zip(photometric, crops)):
-        draw = p.draw(cfg.batch_size, torch.Generator().manual_seed((cfg.seed * 2**40 + step * 2**8 + v) % 2**63))
-        rows = slice(proc.rank * len(x), (proc.rank + 1) * len(x))
-        views.append(to_device(p(x.to(proc.device, non_blocking=True), {k: t[rows] for k, t in draw.items()}), proc.device))
-    return views
-
-
-# ============================================================================================
 # Processes: launching, the process group, gathers
 # ============================================================================================
 # One code path for every way of starting a run:
@@ -356,9 +289,8 @@ class ThisProcess:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient and keeps this rank's slice. Every rank
-    computes the same loss on the same gathered batch, so the sum is world * dL/dz_local, which
-    DDP's averaging divides by world: the parameter gradient equals the single-process one."""
+    """all_gather whose backward sums the ranks' gradients (the same loss everywhere: world * dL/dz) and
+    keeps this rank's slice; DDP's averaging divides by world: the single-process gradient."""
 
     @staticmethod
     def forward(ctx, x):
@@ -414,13 +346,12 @@ def read_fashion_mnist(root, train):
 
 
 def torchvision_dataset(name, root, download):
-    """CIFAR-10/100 or STL-10 read (and with --download fetched) by torchvision, as in-memory
-    TensorImages: (pretraining, probe, test) sets, STL-10 pretraining on train + unlabeled."""
+    """(pretrain, probe, test) of CIFAR-10/100 or STL-10 (train + unlabeled) by torchvision, in memory."""
     tvd = torchvision.datasets
     try:
         if name == "stl10":
             sets = [tvd.STL10(root, split=s, download=download) for s in ("train", "unlabeled", "test")]
-            train, unlabelled, test = (tensor_images(torch.from_numpy(s.data), torch.from_numpy(s.labels)) for s in sets)
+            train, unlabelled, test = (tensor_images(torch.from_numpy(s.data), torch.tensor(s.labels)) for s in sets)
             return torch.utils.data.ConcatDataset([train, unlabelled]), train, test
         cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
         sets = [cls(root, train=t, download=download) for t in (True, False)]
@@ -436,9 +367,8 @@ def tensor_images(images, labels):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files with labels (-1: unlabelled), decoded to RGB when an item is read. A file that
-    cannot be decoded stops the run with one line naming it; with skip_bad it is replaced by the
-    next readable file and counted in `skipped`, which the loader's workers share."""
+    """Image files with labels (-1: unlabelled), decoded to RGB when read. An undecodable one stops the
+    run with one line, or with skip_bad is replaced by the next and counted in `skipped` (shared)."""
 
     def __init__(self, paths, labels, skip_bad=False):
         self.paths, self.targets, self.skip_bad = paths, labels, skip_bad
@@ -468,8 +398,7 @@ def image_files(root):
 
 
 def image_folder(root, skip_bad):
-    """(train, val, number of classes) from root/train and root/val with one folder per class
-    (torchvision's ImageFolder layout), or (all images under root, None, 0) without labels."""
+    """(train, val, classes) from root/{train,val}/<class>/ (ImageFolder's layout), else (all, None, 0)."""
     if not os.path.exists(root):
         raise UsageError(f"image folder not found at {root}")
     splits = [os.path.join(root, s) for s in ("train", "val")]
@@ -488,8 +417,7 @@ def image_folder(root, skip_bad):
 
 
 def load_datasets(cfg, presets):
-    """Datasets(pretrain, probe, test, classes) for cfg.data: a preset's dataset, or a folder
-    (class folders under train/ and val/, or any images without labels: classes 0)."""
+    """Datasets(pretrain, probe, test, classes) of cfg.data: a preset's dataset, or a folder (classes 0: unlabelled)."""
     root = cfg.data_dir or "data"
     try:
         if cfg.data == "synthetic":
@@ -530,11 +458,10 @@ class Views(torch.utils.data.Dataset):
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
-    """This rank's share of each global batch, as (index, augmentation seed) pairs. Not
-    DistributedSampler, which deals perm[r::W] (a batch then depends on the world size; resume
-    only at an epoch's start): epoch e is one permutation from (seed, e), batch b is
-    perm[b*B:(b+1)*B], rank r takes its r-th contiguous slice, so the all-gather rebuilds the
-    single-process batch and a resume skips whole batches unread. The last partial batch drops."""
+    """This rank's share of each global batch, as (index, augmentation seed) pairs. Not DistributedSampler
+    (perm[r::W]: batches depend on the world size, resume only at an epoch's start): epoch e is one
+    permutation from (seed, e), batch b perm[b*B:(b+1)*B], rank r its r-th contiguous slice, so the
+    all-gather rebuilds the one-process batch and a resume skips batches unread. Drops the last."""
 
     def __init__(self, n, global_batch, rank=0, world=1, seed=0):
         if global_batch % world:
@@ -567,8 +494,7 @@ def shard(n, rank, world):
 
 
 def fixed_subset(n, k, seed=0):
-    """k of range(n) drawn by a seed, sorted: the same on every rank and call (not the first k: an
-    image folder is sorted by class)."""
+    """k of range(n) drawn by a seed, sorted: the same on every rank (not the first k: folders sort by class)."""
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
 
 
@@ -588,6 +514,17 @@ def to_device(x, device):
     """A batch of images on `device`, channels_last on CUDA (faster convolutions)."""
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def draw_and_apply(photometric, crops, step, cfg, proc):
+    """The photometric half of each view of this process's crops, on its device: drawn for the global
+    batch, seeded by (seed, step, view), this process's rows; the same for any world size or resume."""
+    views = []
+    for v, (p, x) in enumerate(zip(photometric, crops)):
+        draw = p.draw(cfg.batch_size, torch.Generator().manual_seed((cfg.seed * 2**40 + step * 2**8 + v) % 2**63))
+        mine = {k: t[proc.rank * len(x):(proc.rank + 1) * len(x)] for k, t in draw.items()}   # this process's rows
+        views.append(to_device(p(x.to(proc.device, non_blocking=True), mine), proc.device))
+    return views
 
 
 # ============================================================================================
@@ -630,20 +567,19 @@ def restore_checkpoint(path, checkpointed, cfg):
     try:
         for k, v in checkpointed.items():
             v.load_state_dict(ckpt[k])
+        torch.set_rng_state(ckpt["rng"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise UsageError(f"{path} does not match this model ({type(e).__name__}); "
                          "choose another --output-dir") from None
-    torch.set_rng_state(ckpt["rng"])
-    return ckpt["step"], ckpt["done"]
+    return ckpt["step"], ckpt.get("done", ckpt["step"] // cfg.steps_per_epoch)   # older ones: all monitors ran
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
-    """SIGTERM, SIGUSR1 (a scheduler's warning), Ctrl-C. While `defer` is set (training) a signal is
-    a request, which the loop honours with a checkpoint; else, or at a second signal, the run stops
-    at once (the same one twice within a second counts once: a launcher forwards it too)."""
+    """SIGTERM, SIGUSR1, Ctrl-C: while `defer` is set, a request the loop honours with a checkpoint; else,
+    or at a second signal, a stop at once (the same one twice in a second, as a launcher forwards, is one)."""
 
     def __init__(self):
         self.name, self.at, self.defer = None, 0.0, False
@@ -689,8 +625,7 @@ def read_logs(pending, step, ckpt_path):
 
 
 class Logger:
-    """Prints on rank 0, appends JSON records to <output_dir>/metrics.jsonl, times the loader and
-    warns once of a collapse."""
+    """Prints on rank 0, appends JSON records to <output_dir>/metrics.jsonl, times the loader, warns once."""
 
     def __init__(self, cfg, proc, data):
         self.cfg, self.is_main, self.warned = cfg, proc.is_main, False
@@ -735,9 +670,10 @@ class Logger:
         self.warn(collapse, step)
         if self.skipped is not None and self.skipped.value:
             logs["skipped_images"] = self.skipped.value
-        eta = datetime.timedelta(seconds=int((cfg.total_steps - step) * per_step))
-        self.print(f"ep {epoch + 1}/{cfg.epochs} step {step}/{cfg.total_steps} " + " ".join(
-            f"{k} {v:.5g}" for k, v in logs.items()) + f" lr {lr:.4g} {rate:.1f} img/s data wait {100 * wait:.0f}% ETA {eta}")
+        eta, values = datetime.timedelta(seconds=int((cfg.total_steps - step) * per_step)), " ".join(
+            f"{k} {v:.5g}" for k, v in logs.items())
+        self.print(f"ep {epoch + 1}/{cfg.epochs} step {step}/{cfg.total_steps} {values} lr {lr:.4g} {rate:.1f} img/s "
+                   f"data wait {100 * wait:.0f}% ETA {eta}")
         self.record(event="train", epoch=epoch + 1, step=step, lr=lr, img_per_s=rate, data_wait=wait, **logs)
 
     def epoch(self, epoch, step, record):

@@ -54,6 +54,7 @@ import torchvision
 from torchvision.transforms import v2
 
 import common
+import image_ops
 
 PROG = "hydes.py"
 
@@ -256,7 +257,7 @@ class Model(nn.Module):
 # ============================================================================================
 # A view in two halves: the geometric one (crop, flip) per image in the loader's workers; the
 # photometric one (jitter, grayscale, blur, solarize, normalise) on the batch on the device, every
-# op (torchvision's formulas, common.py) on every image, the identity parameter for the images
+# op (torchvision's formulas, image_ops.py) on every image, the identity parameter for the images
 # that did not draw it: per image torchvision's v2 recipe, in float (no rounding to 8 bits).
 
 BICUBIC = v2.InterpolationMode.BICUBIC
@@ -301,12 +302,12 @@ class Photometric:
         p = {k: v.to(x.device, non_blocking=True) for k, v in p.items()}
         x = x.float() / 255
         for position in range(4):              # ColorJitter's ops in each image's own order
-            for k, (op, identity) in enumerate(zip(common.JITTER.values(), (1.0, 1.0, 1.0, 0.0))):
+            for k, (op, identity) in enumerate(zip(image_ops.JITTER.values(), (1.0, 1.0, 1.0, 0.0))):
                 drawn = p["jitter"] & (p["order"][:, position] == k)
                 x = op(x, torch.where(drawn, p["factors"][:, k], identity))
-        x = common.JITTER["saturation"](x, (~p["gray"]).float())                       # grayscale: saturation 0
-        x = common.gaussian_blur(x, torch.where(p["blur"], p["sigma"], 1e-3), self.taps)   # 1e-3: no blur
-        return v2.functional.normalize(common.solarize(x, p["solarize"]), *self.norm)
+        x = image_ops.JITTER["saturation"](x, (~p["gray"]).float())                       # grayscale: saturation 0
+        x = image_ops.gaussian_blur(x, torch.where(p["blur"], p["sigma"], 1e-3), self.taps)   # 1e-3: no blur
+        return v2.functional.normalize(image_ops.solarize(x, p["solarize"]), *self.norm)
 
 
 def pretrain_views(cfg):

@@ -39,8 +39,8 @@ DIFFERENCES FROM THE OFFICIAL CODE ([choice]: ours where it is silent; each one 
     7. The official linear probe (eval_config.py l. 27-55; eval_experiment.py l. 141-145, 314-316,
        374-378, 476-478): batch 4096, 90 epochs, SGD 0.9, LR 0.5 B/256 with 100 warm-up steps and
        a per-step cosine to 0 (byol/utils/schedules.py), test top-1 of the head's EMA (0.999).
-    8. Not yet the code's runtime: torchvision's colour formulas, where BYOL's augmentations.py
-       adds a brightness delta, contrasts per channel, takes S and H in HSV, clips after each op.
+    8. The photometric ops as the code runs them, BYOL's (augmentations.py l. 27-66, 291-347,
+       403-457), batched on the device; [choice] torchvision's bicubic crops (the code: TF's).
 
 USAGE
     python ssl_hsic.py                                   # CPU demo on synthetic patterns
@@ -61,6 +61,7 @@ import torchvision
 from torchvision.transforms import v2
 
 import common
+import image_ops
 
 PROG = "ssl_hsic.py"
 
@@ -369,8 +370,8 @@ class Model(nn.Module):
 # ============================================================================================
 # A view in two halves: the geometric one (crop, flip) per image in the loader's workers; the
 # photometric one (jitter, grayscale, blur, solarize, normalise) on the batch on the device, every
-# op (torchvision's formulas, common.py) on every image, the identity parameter for the images
-# that did not draw it: per image torchvision's v2 recipe, in float (no rounding to 8 bits).
+# op (BYOL's formulas, image_ops.py) on every image, the identity parameter for the images
+# that did not draw it: per image BYOL's postprocess.
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 
@@ -386,11 +387,12 @@ def crop(size, scale):
 
 
 class Photometric:
-    """The photometric half of a pretraining view, on a batch: per image, torchvision's
-    RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8) (its four ops in a random order),
-    RandomGrayscale(p=0.2), RandomApply([GaussianBlur(taps, sigma range)], p=blur_p),
-    RandomSolarize(128/255, p=solarize_p), then Normalize(mean, std). draw(n, generator): the
-    choices of n images (CPU); called on a uint8 batch and its draws: the normalised float views."""
+    """The photometric half of a pretraining view, on a batch, as the official code runs it: BYOL's
+    augmentations.py (l. 27-66, 291-347, 403-457). Per image, with probability 0.8 the colour ops
+    of image_ops.byol_colour in a random order, each clipped to [0, 1] (brightness delta in
+    [-0.4, 0.4], contrast [0.6, 1.4], saturation [0.8, 1.2], hue delta [-0.1, 0.1]); grayscale with
+    probability 0.2, a clip; a zero-padded Gaussian blur with probability blur_p; x -> 1 - x where
+    x >= 0.5 with probability solarize_p; a clip; Normalize. draw(n, generator): n images' choices."""
 
     def __init__(self, norm, blur_p, solarize_p, taps, sigma):
         self.norm, self.blur_p, self.solarize_p, self.taps, self.sigma = norm, blur_p, solarize_p, taps, sigma
@@ -400,8 +402,7 @@ class Photometric:
             return lo + (hi - lo) * torch.rand(n, *shape, generator=generator)
         return {"jitter": uniform(0, 1) < 0.8,
                 "order": uniform(0, 1, 4).argsort(1),      # a uniformly random permutation per image
-                # brightness, contrast, saturation in [1 - s, 1 + s] for s = 0.4, 0.4, 0.2; hue in [-0.1, 0.1]
-                "factors": uniform(torch.tensor([0.6, 0.6, 0.8, -0.1]), torch.tensor([1.4, 1.4, 1.2, 0.1]), 4),
+                "factors": uniform(torch.tensor([-0.4, 0.6, 0.8, -0.1]), torch.tensor([0.4, 1.4, 1.2, 0.1]), 4),
                 "gray": uniform(0, 1) < 0.2,
                 "blur": uniform(0, 1) < self.blur_p,
                 "sigma": uniform(*self.sigma),
@@ -410,13 +411,13 @@ class Photometric:
     def __call__(self, x, p):
         p = {k: v.to(x.device, non_blocking=True) for k, v in p.items()}
         x = x.float() / 255
-        for position in range(4):              # ColorJitter's ops in each image's own order
-            for k, (op, identity) in enumerate(zip(common.JITTER.values(), (1.0, 1.0, 1.0, 0.0))):
+        for position in range(4):              # the four ops in each image's own order
+            for k, identity in enumerate((0.0, 1.0, 1.0, 0.0)):
                 drawn = p["jitter"] & (p["order"][:, position] == k)
-                x = op(x, torch.where(drawn, p["factors"][:, k], identity))
-        x = common.JITTER["saturation"](x, (~p["gray"]).float())                       # grayscale: saturation 0
-        x = common.gaussian_blur(x, torch.where(p["blur"], p["sigma"], 1e-3), self.taps)   # 1e-3: no blur
-        return v2.functional.normalize(common.solarize(x, p["solarize"]), *self.norm)
+                x = image_ops.byol_colour(x, k, torch.where(drawn, p["factors"][:, k], identity))
+        x = torch.where(p["gray"][:, None, None, None], image_ops.grayscale(x), x).clamp(0, 1)
+        x = image_ops.gaussian_blur(x, torch.where(p["blur"], p["sigma"], 1e-3), self.taps, "zeros")   # 1e-3: none
+        return v2.functional.normalize(image_ops.solarize(x, p["solarize"], 0.5).clamp(0, 1), *self.norm)
 
 
 def pretrain_views(cfg):

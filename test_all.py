@@ -31,6 +31,7 @@ import common
 import corinfomax
 import explicit_mim
 import hydes
+import image_ops
 import ssl_hsic
 import synthetic
 
@@ -1203,27 +1204,27 @@ def _images(n=6, h=20, w=24, seed=0):
 def test_jitter_ops_match_torchvision_per_image(name, tv, lo, hi):
     x = _images()
     f = torch.linspace(lo, hi, len(x))
-    ours = common.JITTER[name](x, f)
+    ours = image_ops.JITTER[name](x, f)
     want = torch.stack([tv(x[i], float(f[i])) for i in range(len(x))])
     torch.testing.assert_close(ours, want, rtol=0, atol=2e-6)
     # The identity parameter, which the images that did not draw the op get, leaves them unchanged
     # (exactly, but for hue's round trip through HSV).
     identity = torch.full((len(x),), 0.0 if name == "hue" else 1.0)
-    torch.testing.assert_close(common.JITTER[name](x, identity), x, rtol=0, atol=1e-6 if name == "hue" else 0)
+    torch.testing.assert_close(image_ops.JITTER[name](x, identity), x, rtol=0, atol=1e-6 if name == "hue" else 0)
 
 
 def test_grayscale_blur_solarize_match_torchvision():
     x = _images(seed=1)
-    torch.testing.assert_close(common.grayscale(x), TF.rgb_to_grayscale(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(image_ops.grayscale(x), TF.rgb_to_grayscale(x), rtol=0, atol=1e-6)
     on = torch.arange(len(x)) % 2 == 0     # solarize the even images only
     want = torch.where(on[:, None, None, None], TF.solarize(x, 128 / 255), x)
-    torch.testing.assert_close(common.solarize(x, on), want, rtol=0, atol=0)
+    torch.testing.assert_close(image_ops.solarize(x, on), want, rtol=0, atol=0)
     for taps in (3, 13):
         sigma = torch.linspace(0.1, 2.0, len(x))
         want = torch.stack([TF.gaussian_blur(x[i], [taps, taps], [float(sigma[i])] * 2) for i in range(len(x))])
-        torch.testing.assert_close(common.gaussian_blur(x, sigma, taps), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(image_ops.gaussian_blur(x, sigma, taps), want, rtol=0, atol=1e-5)
     # A sigma near 0, what the images that drew no blur get, leaves them exactly as they were.
-    torch.testing.assert_close(common.gaussian_blur(x, torch.full((len(x),), 1e-3), 13), x, rtol=0, atol=0)
+    torch.testing.assert_close(image_ops.gaussian_blur(x, torch.full((len(x),), 1e-3), 13), x, rtol=0, atol=0)
 
 
 def _torchvision_view(image, p, i, taps, norm):
@@ -2191,3 +2192,159 @@ def test_print_config_shows_every_value_and_its_source_without_reading_data(tmp_
     assert rows["lr"] == "flag" and rows["batch_size"] == "preset" and rows["seed"] == "default"
     assert all(rows[k] == "preset" for k in module.PRESETS["fashionmnist"] if k != "lr")
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_readme_sbatch_recipe_requeues_and_its_commands_parse():
+    """The README's SLURM recipe: SIGUSR1 to the batch shell 120 s before the limit, passed on
+    through srun and torchrun (--signals-to-handle) to every process; a requeue; and torchrun's
+    and the method file's flags as written."""
+    block, = _readme_blocks("sbatch")
+    assert "--signal=B:USR1@120" in block and "--requeue" in block and 'scontrol requeue "$SLURM_JOB_ID"' in block
+    command = next(l for l in block.replace("\\\n", " ").splitlines() if l.startswith("srun torchrun"))
+    argv = shlex.split(command.replace('"$head:29500"', "node1:29500").replace('"$SLURM_JOB_ID"', "42"))[2:-1]
+    i = next(k for k, a in enumerate(argv) if a.endswith(".py"))
+    import torch.distributed.run as torchrun
+    launcher = torchrun.get_args_parser().parse_args(argv[:i + 1])
+    assert launcher.nnodes == "2" and "SIGUSR1" in launcher.signals_to_handle.split(",")
+    cfg = MODULES[argv[i]].parse_args(argv[i + 1:] + ["--cpu"])
+    assert cfg.preset == "imagenet" and cfg.data_dir == "/ds/imagenet"
+
+
+def test_torchrun_passes_sigusr1_on_so_the_processes_save_and_stop(tmp_path):
+    """The hop the SLURM recipe relies on: SIGUSR1 to torchrun (--signals-to-handle) reaches both
+    processes, which save a mid-epoch step and stop together."""
+    args = ["--standalone", "--nproc-per-node", 2, "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1", "corinfomax.py",
+            *tiny("corinfomax.py"), "--synthetic-train", 128, "--max-steps", 10, "--output-dir", tmp_path / "o"]
+    cmd = [sys.executable, "-m", "torch.distributed.run"] + [str(a) for a in args]
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if "step 3/10" in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "stopped: SIGUSR1 at step" in err, out + err
+    step = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["step"]
+    assert 3 <= step < 8 and f"stopped: SIGUSR1 at step {step}, saved in" in err
+
+
+def _byol_view(image, p, i, norm):
+    """Image i of a draw p by byol/utils/augmentations.py (postprocess, _color_transform_single_image,
+    rgb_to_hsv, hsv_to_rgb, adjust_*, _gaussian_blur_single_image, _solarize_single_image),
+    transcribed per image in float64 numpy on H x W x C arrays as the JAX code computes them."""
+    def rgb_to_hsv(r, g, b):
+        vv = np.maximum(np.maximum(r, g), b)
+        range_ = vv - np.minimum(np.minimum(r, g), b)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sat = np.where(vv > 0, range_ / vv, 0.0)
+            norm_ = np.where(range_ != 0, 1.0 / (6.0 * range_), 1e9)
+        hue = np.where(r == vv, norm_ * (g - b), np.where(g == vv, norm_ * (b - r) + 2 / 6, norm_ * (r - g) + 4 / 6))
+        hue = hue * (range_ > 0)
+        return hue + (hue < 0), sat, vv
+
+    def hsv_to_rgb(h, s, v):
+        c = s * v
+        m = v - c
+        dh = (h % 1.0) * 6.0
+        x = c * (1 - np.abs(dh % 2.0 - 1))
+        hcat = np.floor(dh).astype(np.int32)
+        rr = np.where((hcat == 0) | (hcat == 5), c, np.where((hcat == 1) | (hcat == 4), x, 0)) + m
+        gg = np.where((hcat == 1) | (hcat == 2), c, np.where((hcat == 0) | (hcat == 3), x, 0)) + m
+        bb = np.where((hcat == 3) | (hcat == 4), c, np.where((hcat == 2) | (hcat == 5), x, 0)) + m
+        return rr, gg, bb
+
+    image = image.permute(1, 2, 0).double().numpy() / 255
+    rgb = tuple(image[..., c] for c in range(3))
+    if p["jitter"][i]:
+        for idx in p["order"][i].tolist():
+            f = float(p["factors"][i, idx])
+            if idx == 0:
+                rgb = tuple(c + f for c in rgb)
+            elif idx == 1:
+                rgb = tuple(f * (c - c.mean()) + c.mean() for c in rgb)
+            elif idx == 2:
+                h, s, v = rgb_to_hsv(*rgb)
+                rgb = hsv_to_rgb(h, np.clip(s * f, 0.0, 1.0), v)
+            else:
+                h, s, v = rgb_to_hsv(*rgb)
+                rgb = hsv_to_rgb((h + f) % 1.0, s, v)
+            rgb = tuple(np.clip(c, 0.0, 1.0) for c in rgb)
+    out = np.stack(rgb, axis=-1)
+    if p["gray"][i]:
+        out = np.tile(np.tensordot(out, np.array([0.2989, 0.5870, 0.1140]), axes=(-1, -1))[..., None], (1, 1, 3))
+    out = np.clip(out, 0.0, 1.0)
+    if p["blur"][i]:
+        radius = int(out.shape[0] / 10.0 / 2)                    # kernel_size = H / blur_divider
+        t = np.arange(-radius, radius + 1)
+        k = np.exp(-t**2 / (2.0 * float(p["sigma"][i])**2))
+        k /= k.sum()
+        H, W = out.shape[:2]
+        padded = np.pad(out, ((0, 0), (radius, radius), (0, 0)))              # SAME: zeros
+        out = sum(k[j] * padded[:, j:j + W] for j in range(len(k)))          # blur_h
+        padded = np.pad(out, ((radius, radius), (0, 0), (0, 0)))
+        out = sum(k[j] * padded[j:j + H] for j in range(len(k)))             # blur_v
+    if p["solarize"][i]:
+        out = np.where(out < 0.5, out, 1.0 - out)
+    out = np.clip(out, 0.0, 1.0)
+    mean, std = (np.array(v) for v in norm)
+    return torch.from_numpy(((out - mean) / std).transpose(2, 0, 1))
+
+
+def test_ssl_hsic_photometric_half_is_byols_image_by_image():
+    """ssl_hsic.py's batched photometric half against BYOL's formulas transcribed above: brightness
+    a delta, contrast per channel, saturation and hue in HSV, a clip after each op, a zero-padded
+    blur of 2 int(H / 20) + 1 taps, solarize at 0.5. Every branch is taken and skipped."""
+    norm = ((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    cfg = ssl_hsic.parse_args(["--cpu", "--image-size", "40", "--blur-sigma", "2.0"])
+    cfg.norm = norm
+    for view in ssl_hsic.pretrain_views(cfg):
+        photometric = view[1]
+        photometric.blur_p, photometric.solarize_p = 0.5, 0.5
+        crops = torch.randint(0, 256, (48, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+        crops[:, :, :4] = crops[:, :1, :4]                       # grey rows: hue's and saturation's edge
+        p = photometric.draw(len(crops), torch.Generator().manual_seed(3))
+        for key in ("jitter", "gray", "blur", "solarize"):
+            assert 0 < int(p[key].sum()) < len(crops), key
+        lo, hi = torch.tensor([-0.4, 0.6, 0.8, -0.1]), torch.tensor([0.4, 1.4, 1.2, 0.1])   # BYOL's ranges
+        assert (p["factors"] >= lo).all() and (p["factors"] <= hi).all() and photometric.taps == 2 * int(40 / 20) + 1
+        ours = photometric(crops, p)
+        want = torch.stack([_byol_view(crops[i], p, i, norm) for i in range(len(crops))])
+        torch.testing.assert_close(ours.double(), want, rtol=0, atol=1e-4)
+    x = _images()
+    for k, identity in enumerate((0.0, 1.0, 1.0, 0.0)):   # the identity parameters leave images as they were
+        torch.testing.assert_close(image_ops.byol_colour(x, k, torch.full((len(x),), identity)), x,
+                                   rtol=0, atol=1e-6)
+
+
+def test_benchmark_memory_counts_saved_activations_and_state():
+    """--memory: the state is the parameters, buffers, gradients and momentum buffers counted here
+    independently; the bytes saved for backward per image do not depend on the batches that
+    measured them; the per-GPU total adds them up at batch / 8."""
+    benchmark = __import__("tools.benchmark", fromlist=["memory"])
+    cfg = make_cfg(batch_size=64)
+    cfg = common.derive(cfg, common.Datasets(range(64), None, None, 1), _proc(), "corinfomax.py")
+    small, large = (benchmark.memory(corinfomax, cfg, _proc(), images=n) for n in ((2, 4), (3, 8)))
+    model, criterion = corinfomax.build(cfg, _proc())[:2]
+
+    def gib(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**30
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    state = dict(small["state_gib"])
+    assert state.pop("saved, not per image") >= 0
+    assert state == pytest.approx({"parameters and buffers": gib([*model.parameters(), *model.buffers(),
+                                   *criterion.buffers()]), "gradients": gib(trainable), "optimiser state": gib(trainable)})
+    assert small["saved_per_image_mib"] > 0.1
+    assert large["saved_per_image_mib"] == pytest.approx(small["saved_per_image_mib"], rel=0.05)
+    assert small["total_gib_per_gpu"] == pytest.approx(sum(small["state_gib"].values()) + 8 * small[
+        "saved_per_image_mib"] / 1024)
+
+
+def test_benchmark_on_a_folder_times_its_own_files(tmp_path):
+    """With --data FOLDER the data figures are those of the folder's files (decoding included)."""
+    _image_folder(tmp_path / "ds", "classes")
+    proc = run_script("corinfomax", "--data", tmp_path / "ds", "--preset", "imagenet100", *TINY_FOLDER,
+                      "--bench-steps", 1, "--bench-sizes", "8", script="tools/benchmark.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["data"] == str(tmp_path / "ds") and res["augment_img_per_s_per_worker"] > 0
+    assert 0.0 <= res["data_wait"] < 1.0

@@ -5,9 +5,9 @@
 
 METHOD is corinfomax, explicit_mim, hydes or ssl_hsic; every other flag is the method file's own
 (its preset, batch size, --amp, --compile, ...). Random images of the preset's size stand in for
-the dataset (the augmentations' cost does not depend on what the pixels show); nothing is
-written to disk. It uses the method file's own functions and prints a table, then the same
-figures as one JSON line:
+a preset's dataset (the augmentations' cost does not depend on what the pixels show), a
+folder's own files for a folder; nothing is written to disk. It uses the method file's own
+functions and prints a table, then the same figures as one JSON line:
 
 1. step overhead: a full training step (views already made; model, loss, backward, optimiser)
    with the method's loss, divided by the same step with the loss replaced by the mean of the
@@ -20,6 +20,10 @@ figures as one JSON line:
 3. data pipeline: one loader worker's images/s for the geometric half of the views (crops and
    flips, one thread), the ms of the photometric half for one batch on the training device, and
    the share of wall time a short run (loader, photometric half, train_step) waits for the loader.
+   With --data FOLDER these are the folder's own files, JPEG decoding and full-size crops included.
+4. --memory, instead of 1-3: the memory per GPU of the preset's batch on 8 GPUs, from what one
+   train_step on a few images saves for the backward pass (measured here, under --amp) and the
+   state that does not grow with the batch (see memory()).
 """
 import argparse
 import importlib
@@ -69,6 +73,7 @@ def parse(argv):
                    help="timed steps per loss, in blocks of 5 (default: 40 on CUDA, 15 on CPU)")
     p.add_argument("--bench-sizes", dest="bench_sizes", default="128,256,512,1024,2048,4096",
                    help="global batch sizes for the loss-alone timings")
+    p.add_argument("--memory", action="store_true", help="only the memory per GPU at the preset's batch on 8 GPUs")
     args, rest = p.parse_known_args(argv)
     if args.method not in METHODS:
         raise common.UsageError(f"the first argument names the method: one of {', '.join(METHODS)}")
@@ -79,7 +84,7 @@ def parse(argv):
     if cfg.gpus != 1:
         raise common.UsageError("the benchmark times one process; leave --gpus at 1")
     cfg.bench_steps = args.bench_steps or (40 if torch.cuda.is_available() and not cfg.cpu else 15)
-    cfg.bench_sizes = batch_sizes(args.bench_sizes)
+    cfg.bench_sizes, cfg.memory = batch_sizes(args.bench_sizes), args.memory
     return module, cfg
 
 
@@ -183,19 +188,76 @@ def data_wait(module, model, criterion, optimizer, scaler, loader, photometric, 
     return waited / (time.perf_counter() - start)
 
 
+def memory(module, cfg, proc, images=(2, 4)):
+    """Training memory per process, projected to the preset's per-GPU batch on 8 GPUs. What autograd
+    saves for the backward pass (storages counted once by saved_tensors_hooks, parameters
+    excluded) in one train_step under the run's autocast, at two small batches: its growth per
+    image, and the rest (autocast's low-precision weight copies, the loss's D x D terms). Plus the
+    state that does not grow with the batch: parameters and buffers (target network, EMAs, loss
+    state), gradients, optimiser state. Not counted: cuDNN workspaces, the allocator's slack."""
+    model, criterion, optimizer, scaler = module.build(cfg, proc)
+    _, photometric = zip(*module.pretrain_views(cfg))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(n):
+        saved, x = {}, torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        views = common.draw_and_apply(photometric, [x] * len(photometric), 0, cfg, proc)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module.train_step(model, criterion, optimizer, scaler, views, 0, cfg)
+        return sum(saved.values())
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+    (a, saved_a), (b, saved_b) = ((n, saved_bytes(n)) for n in images)
+    per_image = (saved_b - saved_a) / (b - a)
+    state = {"parameters and buffers": nbytes([*model.parameters(), *model.buffers(), *criterion.buffers()]),
+             "gradients": nbytes(p for p in model.parameters() if p.requires_grad),
+             "optimiser state": nbytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)),
+             "saved, not per image": saved_a - a * per_image}
+    per_gpu = cfg.batch_size // 8
+    return {"saved_per_image_mib": per_image / 2**20, "state_gib": {k: v / 2**30 for k, v in state.items()},
+            "per_gpu_batch": per_gpu, "total_gib_per_gpu": (sum(state.values()) + per_image * per_gpu) / 2**30}
+
+
+def print_memory(res):
+    print(f"{PROG} {res['method']} --memory: preset {res['preset']}, batch {res['batch_size']} = 8 x "
+          f"{res['per_gpu_batch']}, {res['image_size']} px, amp {res['amp']}")
+    print(f"  saved for backward: {res['saved_per_image_mib']:.1f} MiB per image (all its views)")
+    for name, gib in res["state_gib"].items():
+        print(f"  {name}: {gib:.2f} GiB")
+    print(f"  per GPU at batch {res['per_gpu_batch']}: {res['total_gib_per_gpu']:.1f} GiB")
+
+
 def benchmark(module, cfg):
     proc = common.ThisProcess(cfg)
-    # Enough batches for a short run several times longer than the loader's prefetch queue.
-    n = cfg.batch_size * (cfg.bench_steps + 3 + 6 * (cfg.workers or 0))
-    pixels = torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(cfg.seed))
-    dataset = common.tensor_images(pixels, torch.zeros(n, dtype=torch.long))
-    cfg = common.derive(cfg, common.Datasets(dataset, dataset, dataset, 1), proc, module.PROG)
+    folder = None if cfg.data in module.PRESETS else common.load_datasets(cfg, module.PRESETS).pretrain
+    cfg = common.derive(cfg, common.Datasets(folder if folder is not None else range(cfg.batch_size), None, None, 1),
+                        proc, module.PROG)
     torch.set_num_threads(cfg.threads)
+    # Enough batches for a short run several times longer than the loader's prefetch queue.
+    n = cfg.batch_size * (cfg.bench_steps + 3 + 6 * cfg.workers)
+    if folder is None:   # random images of the preset's size stand in for its dataset
+        pixels = torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(cfg.seed))
+        dataset = common.tensor_images(pixels, torch.zeros(n, dtype=torch.long))
+    else:   # a folder's own files, decoded and cropped from full size as training reads them
+        dataset = torch.utils.data.Subset(folder, range(min(n, len(folder))))
+    if cfg.memory:
+        res = {"method": module.PROG.removesuffix(".py"), "preset": cfg.preset, "batch_size": cfg.batch_size,
+               "image_size": cfg.image_size, "amp": cfg.amp, **memory(module, cfg, proc)}
+        print_memory(res)
+        print(json.dumps(res), flush=True)
+        return
     sampler, loader, photometric = module.pretrain_loader(dataset, cfg, proc)
     model, criterion, optimizer, scaler = module.build(cfg, proc)
     model = module.parallel(model, cfg, proc)     # compiled with --compile, as training runs it
-    res = {"method": module.PROG.removesuffix(".py"), "preset": cfg.preset, "device": device_name(proc.device),
+    res = {"method": module.PROG.removesuffix(".py"), "preset": cfg.preset, "data": cfg.data,
+           "device": device_name(proc.device),
            "threads": torch.get_num_threads(), "amp": cfg.amp, "compile": cfg.compile, "batch_size": cfg.batch_size}
     crops, res["augment_img_per_s_per_worker"] = crop_rate(loader.dataset, cfg)
     ms = [timed(lambda: common.draw_and_apply(photometric, crops, 0, cfg, proc), proc.device) for _ in range(4)]
