@@ -455,7 +455,7 @@ def linear_probe(backbone, name, data, cfg, proc, log):
     """The paper protocol: a Linear head on the frozen backbone's pooled features (eval mode), SGD
     momentum 0.9 without weight decay, RandomResizedCrop + flip; batch, LR and the head's EMA from
     the preset. The result is the last epoch's test accuracy of the EMA (haiku's, zero-debiased:
-    hidden / (1 - decay^t); decay 0 gives the head). Saved each epoch (probe-<name>.pt), resumed."""
+    hidden / (1 - decay^t), hidden from 0; decay 0: the head). Saved each epoch, resumed exactly."""
     backbone.eval()
     test_f, test_y = common.extract(backbone, data.test, test_view(cfg), cfg, proc)   # frozen: once
     head = nn.Linear(test_f.shape[1], data.classes).to(proc.device)
@@ -471,9 +471,8 @@ def linear_probe(backbone, name, data, cfg, proc, log):
     if start:
         log.print(f"  probe {name}: resuming at epoch {start}")
 
-    def accuracy(done):   # of the debiased EMA after 1 + done epochs' updates
-        return common.topk(F.linear(test_f, ema.weight, ema.bias).detach() / (1 - decay ** (1 + done * len(sampler))),
-                           test_y)
+    def accuracy():   # debiasing divides every logit by one number, 1 - decay^t: the ranking is the same
+        return common.topk(F.linear(test_f, ema.weight, ema.bias).detach(), test_y)
     for epoch in range(start, cfg.probe_epochs):
         sampler.set_epoch(epoch)
         for i, ((x,), y) in enumerate(loader):
@@ -486,8 +485,8 @@ def linear_probe(backbone, name, data, cfg, proc, log):
             opt.step()
             torch._foreach_lerp_(list(ema.parameters()), list(head.parameters()), 1 - decay)
         common.save_checkpoint(path, checkpointed, epoch + 1, 0, cfg, proc)
-        log.print(f"  probe {name} epoch {epoch + 1}/{cfg.probe_epochs}  top1 {accuracy(epoch + 1)['top1']:.2f}")
-    return accuracy(cfg.probe_epochs)
+        log.print(f"  probe {name} epoch {epoch + 1}/{cfg.probe_epochs}  top1 {accuracy()['top1']:.2f}")
+    return accuracy()
 
 
 def effective_ranks(model, data, cfg, proc, n=2048):

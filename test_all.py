@@ -75,7 +75,7 @@ TINY = ["--data", "synthetic", "--synthetic-train", 64, "--synthetic-test", 40, 
 
 # Per method: heads that suit TINY's batch of 16 (Explicit MIM needs N >= 2D + 1).
 TINY_HEADS = {"corinfomax.py": ["--projector", "64-32"], "explicit_mim.py": ["--projector", "64-6"],
-              "ssl_hsic.py": ["--projector", "64-32", "--predictor", "64-32"], "hydes.py": ["--projector", "64-32"]}
+              "ssl_hsic.py": ["--projector", "64-32", "--predictor", "64-32", "--eval-weights", "ema"], "hydes.py": ["--projector", "64-32"]}
 MODULES = {"corinfomax.py": corinfomax, "explicit_mim.py": explicit_mim, "ssl_hsic.py": ssl_hsic,
            "hydes.py": hydes}
 
