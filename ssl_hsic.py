@@ -94,11 +94,11 @@ PRESETS = {
     "cifar100": dict(epochs=1000, batch_size=512, norm=((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
     # ---- ours: small presets for CPU runs ----
     "fashionmnist": dict(image_size=28, epochs=20, batch_size=256, lr=16.0, warmup_epochs=2, eval_ema=0.99,
-                         projector="1024-128", predictor="1024-128", probe="cached", knn_every=5,
+                         projector="1024-128", predictor="1024-128", probe="cached", probe_epochs=100, knn_every=5,
                          baseline=True, norm=((0.286,) * 3, (0.353,) * 3)),
     "synthetic": dict(image_size=16, epochs=4, batch_size=64, lr=16.0, warmup_epochs=1, eval_ema=0.99,
                       crop_min_scale=0.3, blur_sigma=0.5, projector="512-64", predictor="512-64",
-                      eval_weights="online", probe="cached", knn_every=0, baseline=True),
+                      eval_weights="online", probe="cached", probe_epochs=100, knn_every=0, baseline=True),
 }
 OUR_PRESETS = ("cifar10", "cifar100", "fashionmnist", "synthetic")
 
