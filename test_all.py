@@ -75,7 +75,9 @@ TINY = ["--data", "synthetic", "--synthetic-train", 64, "--synthetic-test", 40, 
 
 # Per method: heads that suit TINY's batch of 16 (Explicit MIM needs N >= 2D + 1).
 TINY_HEADS = {"corinfomax.py": ["--projector", "64-32"], "explicit_mim.py": ["--projector", "64-6"],
-              "ssl_hsic.py": ["--projector", "64-32", "--predictor", "64-32", "--eval-weights", "ema"], "hydes.py": ["--projector", "64-32"]}
+              "ssl_hsic.py": ["--projector", "64-32", "--predictor", "64-32", "--eval-weights", "ema",   # the official
+                              "--target-init", "independent", "--tau", 0.99],                     # target, not the demo's
+              "hydes.py": ["--projector", "64-32"]}
 MODULES = {"corinfomax.py": corinfomax, "explicit_mim.py": explicit_mim, "ssl_hsic.py": ssl_hsic,
            "hydes.py": hydes}
 
@@ -1320,6 +1322,28 @@ def test_fashion_mnist_reader(tmp_path):
         common.load_datasets(make_cfg(data="fashionmnist", data_dir=str(tmp_path / "nope")), corinfomax.PRESETS)
 
 
+def test_small_folder_tool_writes_disjoint_class_folders_of_training_images(tmp_path):
+    """tools/small_folder.py: PNG class folders a method reads as a labelled folder, drawn from the
+    training images only (train/ and val/ disjoint), each file its source image; bad input one line."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (40, 28, 28)), np.arange(40) % 10       # 4 images per class
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", x)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", y)
+    tool = dict(script="tools/small_folder.py")
+    proc = run_script(tmp_path / "ds", "--train", 2, "--val", 1, "--data-dir", tmp_path, **tool)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    train, val, classes = common.image_folder(str(tmp_path / "ds"), False)
+    assert classes == 10 and len(train) == 20 and len(val) == 10 and not list(tmp_path.glob("*.partial"))
+    sources = [int(os.path.basename(p)[:-4]) for p in train.paths + val.paths]
+    assert len(set(sources)) == 30 and [int(y[i]) for i in sources] == train.targets + val.targets
+    for i, path in zip(sources[::7], (train.paths + val.paths)[::7]):
+        assert np.array_equal(np.asarray(Image.open(path)), x[i])
+    assert "exists" in assert_one_line_error(run_script(tmp_path / "ds", "--data-dir", tmp_path, **tool))
+    line = assert_one_line_error(run_script(tmp_path / "big", "--train", 4, "--val", 1, "--data-dir", tmp_path, **tool))
+    assert "fewer than --train + --val" in line and not (tmp_path / "big").exists()
+
+
 def test_cifar_and_stl10_are_read_by_torchvision_as_uint8_tensors(tmp_path, monkeypatch):
     """CIFAR-10/100 and STL-10 in torchvision's layout, read by torchvision.datasets (their md5
     check skipped: these files are made here) into in-memory uint8 (N, 3, H, W) sets."""
@@ -1891,6 +1915,8 @@ def test_readme_commands_work(tmp_path):
         script, args = argv[i], argv[i + 1:]
         if script == "tools/benchmark.py":
             extra = tiny(args[0] + ".py") + ["--bench-steps", 1, "--bench-sizes", "16"]
+        elif script == "tools/small_folder.py":   # into tmp_path, from the fake set's 6 images a class
+            args, extra = [tmp_path / "small"] + args[1:], ["--train", 4, "--val", 2, "--data-dir", fmnist]
         elif "--help" in args:
             extra = []
         else:
