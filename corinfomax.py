@@ -478,11 +478,9 @@ def evaluate(backbone, name, data, cfg, proc, log, kind):
 def build(cfg, proc):
     """Model, loss, optimiser and AMP scaler, freshly initialised from cfg.seed."""
     torch.manual_seed(cfg.seed)
-    model = Model(cfg).to(proc.device)
-    if cfg.use_cuda:
-        model = model.to(memory_format=torch.channels_last)
-        if proc.world > 1:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = Model(cfg).to(proc.device, memory_format=torch.channels_last if cfg.use_cuda else torch.preserve_format)
+    if cfg.use_cuda and proc.world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model, make_criterion(cfg).to(proc.device), make_optimizer(model, cfg), \
         torch.amp.GradScaler(enabled=cfg.amp == "fp16")
 
@@ -558,6 +556,8 @@ def train(cfg):
             proc.stop.allow()                             # saved: a signal now stops at once
             if step % cfg.steps_per_epoch == 0:
                 done = monitor(model, criterion, data, cfg, proc, log, step)
+                if step == cfg.total_steps:   # saved again with its monitor: a longer run resumed here skips it
+                    common.save_checkpoint(ckpt, checkpointed, step, done, cfg, proc)
     except common.BadImage:   # one process keeps the steps before it (processes read different images)
         if proc.world == 1:
             common.read_logs(pending, step, ckpt)

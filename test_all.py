@@ -2207,6 +2207,18 @@ def test_a_stop_after_an_epochs_last_step_runs_its_monitor_on_resume(tmp_path):
     assert epochs == [1] and resumed.stdout.index("epoch 1:") < resumed.stdout.index("step 5/6")
 
 
+def test_a_finished_run_extended_by_an_epoch_runs_each_monitor_once(tmp_path):
+    """A run that ends at an epoch's end, then resumed with more --epochs, goes on to epoch 2
+    without repeating epoch 1's monitor."""
+    args = [*tiny("corinfomax.py"), "--output-dir", tmp_path / "o"]
+    assert run_script(*args, "--epochs", 1).returncode == 0
+    extended = run_script(*args, "--epochs", 2)
+    assert extended.returncode == 0, extended.stderr
+    assert "epoch 1:" not in extended.stdout and "epoch 2:" in extended.stdout, extended.stdout
+    epochs = [r["epoch"] for r in map(json.loads, open(tmp_path / "o" / "metrics.jsonl")) if r["event"] == "epoch"]
+    assert epochs == [1, 2]
+
+
 @pytest.mark.parametrize("script", METHOD_FILES)
 def test_print_config_shows_every_value_and_its_source_without_reading_data(tmp_path, script):
     proc = run_script("--data", "fashionmnist", "--data-dir", tmp_path / "nowhere", "--lr", 2, "--print-config",
