@@ -30,7 +30,7 @@ DIFFERENCES FROM THE OFFICIAL CODE ([choice]: ours where it is silent)
     4. [choice] Colour jitter, grayscale, blur and solarize batched on the training device, in
        float, torchvision's formulas (official: torchvision's ops on PIL images in the loader).
     5. [choice] Global batches the same whatever the world size; exact mid-epoch resume.
-    6. [choice] Presets stl10, fashionmnist, synthetic; the short ones step the LR per step.
+    6. [choice] Presets stl10, fashionmnist (not tuned), synthetic; the short ones step the LR per step.
     7. The linear probe of cifars-tiny/main_linear.py l. 24, 47-57, optim_utils.py l. 62-63: batch
        256, SGD 0.9, per-epoch cosine to 2e-3 (lr/100); the last epoch's top-1 (logged every epoch).
     8. [choice] A 13-tap blur (PIL's has no size); weight decay on every parameter; a cached probe
@@ -352,7 +352,9 @@ def lr_at(cfg, epoch, frac=0.0):
     W, E, base = cfg.warmup_epochs, cfg.epochs, cfg.lr
     if k < W:
         return 3e-3 + k * (base - 3e-3) / (W if cfg.lr_per_step else max(W - 1, 1))
-    return cfg.min_lr + (base - cfg.min_lr) * (1 + math.cos(math.pi * (k - W) / max(E - W, 1))) / 2
+    # k < E in training, so E - W > 0 here; a floor of 1 would stop a fractional run (E - W = 0.5)
+    # halfway down the cosine
+    return cfg.min_lr + (base - cfg.min_lr) * (1 + math.cos(math.pi * (k - W) / (E - W))) / 2
 
 
 # ============================================================================================

@@ -912,6 +912,9 @@ def test_lr_schedule_matches_the_official_schedule():
     cfg.warmup_epochs = 0.25                         # fractional warm-up, per step
     assert corinfomax.lr_at(cfg, 0, 0.125) == pytest.approx(3e-3 + 0.5 * (0.5 - 3e-3))
     assert corinfomax.lr_at(cfg, 0, 0.25) == pytest.approx(0.5)
+    cfg.epochs, cfg.warmup_epochs = 1, 0.5           # the README's one-epoch run anneals fully
+    assert corinfomax.lr_at(cfg, 0, 0.75) == pytest.approx((0.5 + 1e-6) / 2)
+    assert corinfomax.lr_at(cfg, 0, 209 / 210) == pytest.approx(1e-6, abs=2e-4)
 
 
 def make_cfg(**kw):
