@@ -352,8 +352,7 @@ def lr_at(cfg, epoch, frac=0.0):
     W, E, base = cfg.warmup_epochs, cfg.epochs, cfg.lr
     if k < W:
         return 3e-3 + k * (base - 3e-3) / (W if cfg.lr_per_step else max(W - 1, 1))
-    # k < E in training, so E - W > 0 here; a floor of 1 would stop a fractional run (E - W = 0.5)
-    # halfway down the cosine
+    # k < E in training, so E - W > 0 here (0.5 in a one-epoch run with half an epoch of warm-up)
     return cfg.min_lr + (base - cfg.min_lr) * (1 + math.cos(math.pi * (k - W) / (E - W))) / 2
 
 

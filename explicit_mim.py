@@ -26,8 +26,8 @@ OUR CHOICES (the paper's body was unavailable; each is one flag away)
        official code); smaller D in the short presets. A global batch N < 2D + 1 makes S singular
        even for independent views: refused unless `--allow-singular`.
     5. The demo's LR 0.5, on a held-out draw (tools/validate.py): 0.1 / 0.2 / 0.5 / 1 gave 30.6 / 31.4 / 46.2 / 25.7.
-       Fashion-MNIST's D 32 on 10 % of its training images held out (one epoch, warm-up 0.5, before
-       that run's cosine reached min_lr): D 32 / 64 gave 85.03 / 83.88.
+       Fashion-MNIST's D 32 on 10 % of its training images held out (one epoch, warm-up 0.5, with a
+       cosine that then stopped halfway, since fixed): D 32 / 64 gave 85.03 / 83.88.
 
 USAGE
     python explicit_mim.py                                   # CPU demo on synthetic patterns
@@ -361,8 +361,7 @@ def lr_at(cfg, epoch, frac=0.0):
     W, E, base = cfg.warmup_epochs, cfg.epochs, cfg.lr
     if k < W:
         return 3e-3 + k * (base - 3e-3) / (W if cfg.lr_per_step else max(W - 1, 1))
-    # k < E in training, so E - W > 0 here; a floor of 1 would stop a fractional run (E - W = 0.5)
-    # halfway down the cosine
+    # k < E in training, so E - W > 0 here (0.5 in a one-epoch run with half an epoch of warm-up)
     return cfg.min_lr + (base - cfg.min_lr) * (1 + math.cos(math.pi * (k - W) / (E - W))) / 2
 
 
