@@ -26,10 +26,10 @@ OUR CHOICES (the paper's body was unavailable; each is one flag away)
        official code); smaller D in the short presets. A global batch N < 2D + 1 makes S singular
        even for independent views: refused unless `--allow-singular`.
     5. The demo's LR 1 and eps 1e-2, on held-out draws (tools/validate.py): at eps 1e-3, LR 0.1 / 0.2 / 0.5 / 1
-       gave 30.6 / 31.4 / 46.2 / 25.7 on an Intel Xeon, but LR 0.5 gave 23.8 on an AMD EPYC, where eps 1e-2 / 3e-2,
-       batch 128, LR 0.3, crop scale 0.2, D 8, projector BN, an MSE weight of 2000 gave 35.4 / 30.8 / 33.2 /
-       31.0 / 27.1 / 27.2 / 25.7 / 26.8, and at eps 1e-2 LR 0.2 / 1 gave 38.4 / 42.1; a second seed, LR 0.5 at
-       eps 1e-3 / 1e-2 and LR 1 at 1e-2: 24.1 / 32.0 / 52.8. Random init: about 30.
+       gave 30.6 / 31.4 / 46.2 / 25.7 in one session, but LR 0.5 gave 23.8 in a later one (AMD EPYC, both), where
+       eps 1e-2 / 3e-2, batch 128, LR 0.3, crop scale 0.2, D 8, projector BN, an MSE weight of 2000 gave 35.4 / 30.8
+       / 33.2 / 31.0 / 27.1 / 27.2 / 25.7 / 26.8, and at eps 1e-2 LR 0.2 / 1 gave 38.4 / 42.1; a second seed, LR 0.5
+       at eps 1e-3 / 1e-2 and LR 1 at 1e-2: 24.1 / 32.0 / 52.8. Random init: about 30.
        Fashion-MNIST's D 32 on 10 % of its training images held out (one epoch, warm-up 0.5, with a
        cosine that then stopped halfway, since fixed): D 32 / 64 gave 85.03 / 83.88. With the cosine
        fixed (bf16, an Intel Xeon), from crop scale 0.08: LR 0.5 / LR 1 / LR 0.3 / batch 128 / eps 1e-2 /
