@@ -6,6 +6,7 @@ import argparse
 import collections
 import datetime
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -28,18 +29,21 @@ import synthetic
 
 
 class UsageError(Exception):
-    """Bad input from the user: reported as one line on stderr, exit status 2, no traceback."""
+    """Bad input from the user: reported as one line on stderr, exit status 2, no traceback. Every
+    process meets it alike (one line, from rank 0) unless `rank_local` (one rank's own images)."""
+    rank_local = False
 
 
 class BadImage(UsageError):
     """An undecodable image file; from a loader worker it arrives in a traceback ending in the message."""
+    rank_local = True
 
     def __init__(self, message):
         super().__init__(re.sub(r"^\S*BadImage: ", "", message.strip().splitlines()[-1]))
 
 
 class NonFiniteLoss(Exception):
-    """The loss became NaN or infinite: the run stops, the last good checkpoint stays."""
+    """The loss became NaN or infinite: the run stops, saving nothing more."""
 
 
 class Stopped(Exception):
@@ -50,18 +54,35 @@ class Stopped(Exception):
         self.code = 128 + signal.Signals[signal_name].value    # the shell's code for that signal
 
 
+def note(message):
+    """One line from rank 0: something the user should know, not an error."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: {message}", flush=True)
+
+
 def run_cli(main, prog):
-    """Run `main()`, turning the errors a user can cause into one clear line on stderr."""
+    """Run `main()`, turning the errors a user can cause into one clear line on stderr, printed by the
+    process that met it (rank 0 for what all meet alike); a process whose collective failed because
+    another one ended says nothing more. The exit status is never 0 after an error."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    speaks = rank == 0
     try:
         return main()
     except UsageError as e:
-        message, code = f"error: {e}", 2
+        message, code, speaks = f"error: {e}", 2, speaks or e.rank_local
     except (NonFiniteLoss, Stopped) as e:
         message, code = f"stopped: {e}", getattr(e, "code", 3)
     except KeyboardInterrupt:
-        message, code = "interrupted; the last checkpoint is kept", 130
-    if int(os.environ.get("RANK", 0)) == 0:   # every rank fails alike: one line is enough
-        print(f"{prog}: {message}", file=sys.stderr)
+        message, code = f"interrupted; {saved_note()}", 130
+    except RuntimeError as e:   # a collective failed because another process ended: gloo's error or NCCL's
+        if world == 1 or not (isinstance(e, dist.DistError) or "gloo/" in str(e)):
+            raise
+        message, code, speaks = "", 1, False
+    if speaks:
+        print(f"{prog}: " + (f"rank {rank}: " if world > 1 and rank else "") + message, file=sys.stderr)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # else torch's handler reports the workers killed below
+    for child in mp.active_children():   # loader workers, deaf to SIGTERM (_quiet_worker): exit would wait on them
+        child.kill()
     sys.exit(code)
 
 
@@ -82,12 +103,11 @@ def checked(convert, ok, accepts):
     """An argparse type: convert(text), accepted when ok(value); else "expected <accepts>"."""
     def parse(text):
         try:
-            value = convert(text)
+            if ok(value := convert(text)):
+                return value
         except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {accepts}, got {text!r}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"expected {accepts}, got {text!r}")
     return parse
 
 
@@ -112,17 +132,14 @@ SHARED_FLAGS = [   # (group, flag, type, or choices, or "switch" / "on-off", hel
     ("data", "--skip-bad-images", "switch", "replace an image that cannot be decoded by the next one, and count it"),
     ("data", "--synthetic-train", POSITIVE_INT, "synthetic: training images"),
     ("data", "--synthetic-test", POSITIVE_INT, "synthetic: test images"),
-    ("network", "--arch", ("resnet18", "resnet50"), None),
+    ("network", "--arch", ("resnet18", "resnet50"), None), ("network", "--image-size", IMAGE_SIZE, None),
     ("network", "--stem", ("cifar", "imagenet"), "3x3 stride-1 stem without max-pool, or 7x7/2"),
-    ("network", "--image-size", IMAGE_SIZE, None),
     ("network", "--crop-min-scale", AREA, "smallest RandomResizedCrop area of the pretraining views"),
     ("network", "--blur-sigma", NONNEGATIVE, "largest Gaussian-blur sigma in pixels"),
-    ("optimisation", "--epochs", POSITIVE_INT, None),
+    ("optimisation", "--epochs", POSITIVE_INT, None), ("optimisation", "--warmup-epochs", NONNEGATIVE, None),
     ("optimisation", "--max-steps", POSITIVE_INT, "stop after this many steps in all"),
     ("optimisation", "--batch-size", POSITIVE_INT, "global batch (all processes)"),
-    ("optimisation", "--warmup-epochs", NONNEGATIVE, None),
-    ("optimisation", "--wd", NONNEGATIVE, "weight decay"),
-    ("optimisation", "--momentum", RATE, None),
+    ("optimisation", "--wd", NONNEGATIVE, "weight decay"), ("optimisation", "--momentum", RATE, None),
     ("optimisation", "--amp", ("bf16", "fp16", "off"), "default: bf16 on CUDA, off on CPU"),
     ("evaluation", "--probe", ("linear", "cached", "none"), "linear: the paper's protocol; cached: fast, short runs"),
     ("evaluation", "--probe-epochs", POSITIVE_INT, None),
@@ -143,7 +160,7 @@ SHARED_FLAGS = [   # (group, flag, type, or choices, or "switch" / "on-off", hel
     ("run", "--output-dir", str, "checkpoints, metrics.jsonl, backbone.pt (default: runs/<file>-<preset>)"),
     ("run", "--save-every", POSITIVE, "also checkpoint every this many minutes"),
     ("run", "--log-every", POSITIVE_INT, "steps between logs, NaN checks and stop or save checks"),
-    ("run", "--seed", COUNT, None)]
+    ("optimisation", "--seed", COUNT, None)]
 
 
 def add_shared_flags(p, presets):
@@ -160,13 +177,20 @@ def add_shared_flags(p, presets):
 
 def resolve(p, argv, defaults, presets):
     """Parse argv; a flag left unset takes the preset's value, else DEFAULTS' (cfg.sources: which)."""
-    for action in p._actions:   # --help shows each flag's default value
-        if action.dest in defaults and defaults[action.dest] is not None and action.help != argparse.SUPPRESS:
-            action.help = f"{action.help or ''} [default {defaults[action.dest]}]".strip()
+    for a in p._actions:   # --help: each flag's default and the presets that set their own (not for a --no-X)
+        if a.dest in defaults and a.help != argparse.SUPPRESS and a.const is not False:
+            own = [name for name in presets if a.dest in presets[name]]
+            shown = [f"default {defaults[a.dest]}"] * (defaults[a.dest] is not None and len(own) < len(presets)) + [
+                f"set by {'every preset' if len(own) == len(presets) else 'presets ' + ', '.join(own)}"] * bool(own)
+            a.help = f"{a.help or ''} [{'; '.join(shown)}]".strip() if shown else a.help
     cfg = p.parse_args(argv)
     given = {k for k, v in vars(cfg).items() if v is not None and k != "print_config"}
     assert set(vars(cfg)) - {"print_config"} <= set(defaults), "every flag needs its DEFAULTS entry"
     data = cfg.data or defaults["data"]
+    if cfg.data_dir and not cfg.data:
+        raise UsageError("--data-dir says where a preset's dataset lives: pass --data too (a preset or a folder)")
+    if cfg.preset and data in presets and cfg.preset != data:
+        raise UsageError(f"--preset sets the recipe of a folder given as --data; --data {data} is a preset itself")
     name = cfg.preset or ("imagenet" if data not in presets else data)
     if name not in presets:
         raise UsageError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
@@ -210,9 +234,16 @@ def derive(cfg, data, proc, prog):
     steps_per_epoch = len(data.pretrain) // cfg.batch_size
     derived = dict(use_cuda=cuda, amp=cfg.amp or ("bf16" if cuda else "off"), threads=cfg.threads or per_process,
                    workers=cfg.workers if cfg.workers is not None else (per_process - 1 if cuda else 0),
-                   output_dir=cfg.output_dir or os.path.join("runs", f"{prog.removesuffix('.py')}-{cfg.preset}"),
+                   output_dir=cfg.output_dir or os.path.join("runs", f"{prog.removesuffix('.py')}-{cfg.preset}" + (
+                       "" if cfg.data == cfg.preset else "-" + os.path.basename(os.path.normpath(cfg.data)))),
                    steps_per_epoch=steps_per_epoch, labelled=data.classes > 0,
                    total_steps=min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf))
+    # Raw pixels as features: 150,528 floats a 224-px image, 30 GB for ImageNet's 50,000 test images.
+    raw_gb = cfg.baseline and cfg.probe != "none" and derived["labelled"] and 12 * cfg.image_size ** 2 * (
+        len(data.test) + (len(data.probe) if cfg.probe == "cached" else 0)) / 2**30
+    if raw_gb > 4:
+        raise UsageError(f"--baseline would gather {raw_gb:.0f} GB of raw-pixel features on every process; "
+                         "pass --no-baseline")
     if proc.is_main:
         print(f"{prog}: derived " + " ".join(f"{k} {v}" for k, v in derived.items()), flush=True)
     fixed = Config()
@@ -247,6 +278,8 @@ def launch(worker, cfg, prog):
     if cfg.gpus <= 1 or "RANK" in os.environ:
         worker(cfg)
         return
+    if cfg.cpu or not torch.cuda.is_available():
+        note(f"no CUDA: --gpus {cfg.gpus} starts {cfg.gpus} CPU processes (gloo), fine for a test, slow for a run")
     port, ctx = free_port(), mp.get_context("spawn")
     procs = [ctx.Process(target=_child, args=(r, cfg.gpus, port, worker, cfg, prog)) for r in range(cfg.gpus)]
     for p in procs:
@@ -260,8 +293,8 @@ def launch(worker, cfg, prog):
     for p in procs:
         p.join(timeout=max(0.0, deadline - time.time()))
         p.kill()   # a no-op for a process that has ended
-    failed = next((p.exitcode for p in procs if p.exitcode), 0)
-    sys.exit(failed if failed > 0 else 1 if failed else 0)
+    codes = [p.exitcode for p in procs]   # the highest status (2: bad input), 1 for a killed child
+    sys.exit(max(codes) if max(codes) > 0 else 1 if min(codes) < 0 else 0)
 
 
 class ThisProcess:
@@ -329,6 +362,8 @@ def gather_shards(x, n):
 # ============================================================================================
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"   # Debian's dataset-fashion-mnist
+TORCHVISION_SETS = ("cifar10", "cifar100", "stl10")   # what --download fetches
+FASHION_MNIST_HINT = "pass --data-dir DIR with its idx .gz files, or apt-get install dataset-fashion-mnist"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 Datasets = collections.namedtuple("Datasets", "pretrain probe test classes")   # classes 0: unlabelled
 
@@ -367,24 +402,33 @@ def tensor_images(images, labels):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files with labels (-1: unlabelled), decoded to RGB when read. An undecodable one stops the
-    run with one line, or with skip_bad is replaced by the next and counted in `skipped` (shared)."""
+    """Image files (paths relative to root) with labels (-1: unlabelled), decoded to RGB when read. An
+    undecodable one stops the run with one line, or with skip_bad is replaced by the next and counted in
+    `skipped` (shared). The paths are one bytes object and an array of ends, the labels one array: at
+    ImageNet's 1.28 M files, two objects that forked loader workers share, not 1.28 M Python strings."""
 
-    def __init__(self, paths, labels, skip_bad=False):
-        self.paths, self.targets, self.skip_bad = paths, labels, skip_bad
+    def __init__(self, root, paths, labels, skip_bad=False):
+        encoded = [os.fsencode(p) for p in paths]
+        self.root, self.blob, self.skip_bad = root, b"".join(encoded), skip_bad
+        self.ends = np.cumsum([len(p) for p in encoded], dtype=np.int64)
+        self.targets = np.asarray(labels, dtype=np.int64)
         self.skipped = mp.get_context("spawn").Value("q", 0)
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.ends)
+
+    def path(self, i):
+        return os.path.join(self.root, os.fsdecode(self.blob[self.ends[i - 1] if i else 0:self.ends[i]]))
 
     def __getitem__(self, i):
-        for j in [(i + k) % len(self.paths) for k in range(len(self.paths))]:
+        for k in range(len(self)):   # image i, or with skip_bad the first readable one after it
+            j = (i + k) % len(self)
             try:
-                with PIL.Image.open(self.paths[j]) as image:
-                    return image.convert("RGB"), self.targets[j]
+                with PIL.Image.open(self.path(j)) as image:
+                    return image.convert("RGB"), int(self.targets[j])
             except (OSError, ValueError, SyntaxError) as e:   # what PIL raises for a broken file
                 if not self.skip_bad:
-                    raise BadImage(f"cannot read image {self.paths[j]} ({type(e).__name__}: {e}); remove it or "
+                    raise BadImage(f"cannot read image {self.path(j)} ({type(e).__name__}: {e}); remove it or "
                                    "pass --skip-bad-images") from None
                 with self.skipped.get_lock():
                     self.skipped.value += 1
@@ -392,27 +436,29 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def image_files(root):
-    """The image files under root, in any layout, sorted."""
-    return sorted(os.path.join(folder, f) for folder, _, files in os.walk(root, followlinks=True)
+    """The image files under root, in any layout, sorted, as paths relative to root."""
+    return sorted(os.path.relpath(os.path.join(folder, f), root) for folder, _, files in os.walk(root, followlinks=True)
                   for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def image_folder(root, skip_bad):
     """(train, val, classes) from root/{train,val}/<class>/ (ImageFolder's layout), else (all, None, 0)."""
-    if not os.path.exists(root):
-        raise UsageError(f"image folder not found at {root}")
+    if not os.path.isdir(root):
+        raise UsageError(f"{root} is a file, not a folder" if os.path.exists(root) else
+                         f"image folder not found at {root}")
     splits = [os.path.join(root, s) for s in ("train", "val")]
     if not all(os.path.isdir(s) for s in splits):
         paths = image_files(root)
         if not paths:
             raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-        return ImageFiles(paths, [-1] * len(paths), skip_bad), None, 0
+        return ImageFiles(root, paths, [-1] * len(paths), skip_bad), None, 0
     classes, sets = sorted(e.name for e in os.scandir(splits[0]) if e.is_dir()), []
     for split in splits:
-        pairs = [(p, k) for k, c in enumerate(classes) for p in image_files(os.path.join(split, c))]
-        if not pairs:
+        per_class = [image_files(os.path.join(split, c)) for c in classes]
+        if not any(per_class):
             raise UsageError(f"no images in class folders under {split}")
-        sets.append(ImageFiles(*map(list, zip(*pairs)), skip_bad))
+        sets.append(ImageFiles(split, [os.path.join(c, p) for c, ps in zip(classes, per_class) for p in ps],
+                               np.repeat(np.arange(len(classes)), [len(ps) for ps in per_class]), skip_bad))
     return sets[0], sets[1], len(classes)
 
 
@@ -427,15 +473,15 @@ def load_datasets(cfg, presets):
         if cfg.data == "fashionmnist":
             train, test = (tensor_images(*read_fashion_mnist(cfg.data_dir or FASHION_MNIST_DIR, t)) for t in (1, 0))
             return Datasets(train, train, test, 10)
-        if cfg.data in ("cifar10", "cifar100", "stl10"):
+        if cfg.data in TORCHVISION_SETS:
             return Datasets(*torchvision_dataset(cfg.data, root, cfg.download), 100 if cfg.data == "cifar100" else 10)
         # A folder: --data DIR, or a preset of one (imagenet, ...) with --data-dir DIR.
         train, test, classes = image_folder(root if cfg.data in presets else cfg.data, cfg.skip_bad_images)
         return Datasets(train, train if classes else None, test, classes)
     except UsageError as e:
-        hint = {"fashionmnist": "pass --data-dir DIR with its idx .gz files, or apt-get install dataset-fashion-mnist"
-                }.get(cfg.data, "pass --data-dir DIR or --download" if cfg.data in presets else
-                      "pass --data DIR holding train/ and val/ class folders, or a folder of images")
+        hint = FASHION_MNIST_HINT if cfg.data == "fashionmnist" else "pass --data-dir DIR or --download" if cfg.data \
+            in TORCHVISION_SETS else "pass --data-dir DIR holding train/ and val/ class folders" if cfg.data in presets \
+            else "pass --data DIR holding train/ and val/ class folders, or a folder of images"
         raise UsageError(f"{e}; {hint}") from None
 
 
@@ -467,7 +513,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         if global_batch % world:
             raise UsageError(f"--batch-size {global_batch} does not split across {world} processes")
         if n < global_batch:
-            raise UsageError(f"the dataset has {n} images, fewer than one batch of {global_batch}")
+            raise UsageError(f"the dataset has {n} images, fewer than one batch (--batch-size {global_batch})")
         self.n, self.B, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
         self.epoch, self.start_batch = 0, 0
 
@@ -531,46 +577,102 @@ def draw_and_apply(photometric, crops, step, cfg, proc):
 # Checkpoints, stop signals, logging
 # ============================================================================================
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+def atomic_save(obj, path, keep_previous=False):
+    """torch.save to a temporary file flushed to the disk, renamed over path, the folder flushed too: a
+    crash, even of the node, leaves the old file or the new one, never half of one. keep_previous: the
+    old one is first renamed to <path>.prev (a resume falls back to it)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and os.path.exists(path):
+            os.replace(path, f"{path}.prev")
         os.replace(tmp, path)
+        folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        os.fsync(folder)   # the renames themselves reach the disk
+        os.close(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def save_checkpoint(path, checkpointed, step, done, cfg, proc):
+KEPT = {}   # the last checkpoint this process saved or resumed from: what an error message may promise
+
+
+def saved_note():
+    """What a stopped run keeps, in words: the last saved step (a probe's: epoch) and its file, or nothing."""
+    unit = "epoch" if "probe-" in os.path.basename(KEPT.get("path", "")) else "step"
+    return f"{unit} {KEPT['step']} is kept in {KEPT['path']}" if KEPT else "nothing was saved"
+
+
+# What a resumed run may change: its length (a longer run stretches its schedules), resources, logging,
+# evaluation and where its data lives. Every other value of DEFAULTS defines the experiment.
+MAY_CHANGE = {"epochs", "max_steps", "data_dir", "download", "workers", "skip_bad_images", "synthetic_test", "gpus",
+              "cpu", "compile", "threads", "output_dir", "save_every", "log_every", "knn_every", "knn_bank", "baseline",
+              "probe", "probe_epochs", "probe_batch", "probe_lr", "probe_lr_scaling", "probe_warmup_steps",
+              "probe_schedule", "probe_head_ema"}
+
+
+def experiment(cfg):
+    """The values that define a run's experiment (saved in its checkpoints, compared on resume)."""
+    return {k: getattr(cfg, k) for k in cfg.sources if k not in MAY_CHANGE}
+
+
+def fingerprint(module):
+    """A digest of a module's weights and buffers: the backbone a probe checkpoint belongs to."""
+    digest = hashlib.sha1()
+    for t in module.state_dict().values():
+        digest.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path, checkpointed, step, done, cfg, proc, owner=None):
     """{name: object} saved as state_dicts with the step, `done` (epochs whose monitor ran), the RNG
-    state and what a resume must match; by the main process, all waiting until it is in place."""
+    state, the experiment and `owner` (a probe's backbone); by the main process, all waiting for it."""
     if proc.is_main:
         atomic_save({**{k: v.state_dict() for k, v in checkpointed.items()}, "step": step, "done": done,
-                     "rng": torch.get_rng_state(), "batch_size": cfg.batch_size, "preset": cfg.preset}, path)
+                     "rng": torch.get_rng_state(), "config": experiment(cfg), "owner": owner}, path, keep_previous=True)
     if proc.world > 1:
         dist.barrier(group=proc.cpu_group)
+    KEPT.update(path=path, step=step)
 
 
-def restore_checkpoint(path, checkpointed, cfg):
-    """Load path, if it exists, into the objects; returns (step, done), (0, 0) without it."""
-    if not os.path.exists(path):
+def restore_checkpoint(path, checkpointed, cfg, owner=None):
+    """Load path into the objects or, when it is missing or unreadable, the previous one (<path>.prev),
+    saying so; returns (step, done), (0, 0) without either or (saying so) when it has another owner. A
+    checkpoint of another experiment stops the run with one line naming each differing value."""
+    unread = []
+    for source in (p for p in (path, f"{path}.prev") if os.path.exists(p)):
+        try:
+            ckpt = torch.load(source, map_location="cpu", weights_only=True)
+            break
+        except Exception as e:  # pickle, zip and size errors all mean the same thing to the user
+            unread.append(f"{source} ({type(e).__name__})")
+    else:
+        if unread:
+            raise UsageError(f"cannot read checkpoint {' nor '.join(unread)}; move it away or choose another "
+                             "--output-dir")
         return 0, 0
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and size errors all mean the same thing to the user
-        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}); "
-                         "move it away or choose another --output-dir") from None
-    if (ckpt.get("batch_size"), ckpt.get("preset")) != (cfg.batch_size, cfg.preset):
-        raise UsageError(f"{path} was written with --batch-size {ckpt.get('batch_size')} and preset "
-                         f"{ckpt.get('preset')}; resume with the same or choose another --output-dir")
+    if source != path:
+        note(f"{unread[0] if unread else path} cannot be read; resuming from the previous checkpoint {source}")
+    saved, now = ckpt.get("config", {k: ckpt.get(k) for k in ("batch_size", "preset")}), experiment(cfg)
+    if differ := [f"--{k.replace('_', '-')} {saved[k]!r} there, {now.get(k)!r} here" for k in saved
+                  if saved[k] != now.get(k)]:
+        raise UsageError(f"{source} belongs to another experiment: {'; '.join(differ)}; run with the same values "
+                         "or choose another --output-dir")
+    if ckpt.get("owner") != owner:
+        note(f"{source} was trained on another backbone; its probe starts afresh")
+        return 0, 0
     try:
         for k, v in checkpointed.items():
             v.load_state_dict(ckpt[k])
         torch.set_rng_state(ckpt["rng"])
     except (KeyError, RuntimeError, ValueError) as e:
-        raise UsageError(f"{path} does not match this model ({type(e).__name__}); "
+        raise UsageError(f"{source} does not match this model ({type(e).__name__}); "
                          "choose another --output-dir") from None
+    KEPT.update(path=source, step=ckpt["step"])
     return ckpt["step"], ckpt.get("done", ckpt["step"] // cfg.steps_per_epoch)   # older ones: all monitors ran
 
 
@@ -608,17 +710,17 @@ def agree(proc, save_due):
     return (signal.Signals(int(flags[0])).name if flags[0] else None), bool(flags[1])
 
 
-def read_logs(pending, step, ckpt_path):
+def read_logs(pending, step):
     """The last step's logs, reading the `pending` ones (device tensors; emptied) in one host sync.
-    Raises at the first non-finite loss: no step from it on is saved, the last checkpoint is good."""
+    Raises at the first non-finite loss: no step from it on is saved."""
     if not pending:
         return {}
     rows = torch.stack([torch.stack([v.double() for v in logs.values()]) for logs in pending]).tolist()
     for k, row in enumerate(rows):
         loss = dict(zip(pending[k], row))["loss"]
         if not math.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss} at step {step - len(rows) + k + 1}; the last "
-                                f"good checkpoint {ckpt_path} is kept (try a lower --lr)")
+            raise NonFiniteLoss(f"loss is {loss} at step {step - len(rows) + k + 1}; {saved_note()} "
+                                "(try a lower --lr)")
     logs = dict(zip(pending[-1], rows[-1]))
     pending.clear()
     return logs
@@ -628,10 +730,13 @@ class Logger:
     """Prints on rank 0, appends JSON records to <output_dir>/metrics.jsonl, times the loader, warns once."""
 
     def __init__(self, cfg, proc, data):
-        self.cfg, self.is_main, self.warned = cfg, proc.is_main, False
+        self.cfg, self.proc, self.is_main, self.warned = cfg, proc, proc.is_main, False
         self.path, self.skipped = os.path.join(cfg.output_dir, "metrics.jsonl"), getattr(data.pretrain, "skipped", None)
         self.since, self.steps, self.waited = time.time(), 0, 0.0   # since the last train line
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        try:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        except OSError as e:   # under /proc, a file of that name, no permission
+            raise UsageError(f"cannot make --output-dir {cfg.output_dir} ({e.strerror})") from None
 
     def timed(self, loader):
         """The loader's batches, adding up the time spent waiting for them."""
@@ -668,8 +773,11 @@ class Logger:
         per_step, wait = elapsed / max(self.steps, 1), self.waited / elapsed
         self.since, self.steps, self.waited, rate = time.time(), 0, 0.0, cfg.batch_size / per_step
         self.warn(collapse, step)
-        if self.skipped is not None and self.skipped.value:
-            logs["skipped_images"] = self.skipped.value
+        if self.skipped is not None and cfg.skip_bad_images:   # the sum over the processes' counts
+            skipped = torch.tensor(self.skipped.value)
+            if self.proc.world > 1:
+                dist.all_reduce(skipped, group=self.proc.cpu_group)
+            logs["skipped_images"] = int(skipped)
         eta, values = datetime.timedelta(seconds=int((cfg.total_steps - step) * per_step)), " ".join(
             f"{k} {v:.5g}" for k, v in logs.items())
         self.print(f"ep {epoch + 1}/{cfg.epochs} step {step}/{cfg.total_steps} {values} lr {lr:.4g} {rate:.1f} img/s "
@@ -748,3 +856,58 @@ def rankme(x, eps=1e-7):
     sigma = torch.linalg.svdvals(x.double())
     p = sigma / sigma.sum() + eps
     return (-(p * p.log()).sum()).exp().item()
+
+
+def knn_bank(labels, size, seed=0):
+    """A class-balanced kNN bank: size // classes images of each class (all of a smaller class), drawn by
+    a seed, so the same on every rank and at every evaluation. Returns (indices, images of its smallest class)."""
+    counts = torch.bincount(labels)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    by_class = order[torch.argsort(labels[order], stable=True)]   # class by class, each in the draw's order
+    place = torch.arange(len(labels)) - (counts.cumsum(0) - counts)[labels[by_class]]   # place in its class
+    chosen = by_class[place < max(1, size // len(counts))]
+    return sorted(chosen.tolist()), int(torch.bincount(labels[chosen])[counts > 0].min())
+
+
+def knn_accuracy(train_f, train_y, test_f, test_y, classes, k, T=0.1):
+    """kNN monitor: the k nearest bank features (cosine) vote exp(similarity / T), T = 0.1 (InstDisc)."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    scores = []
+    for chunk in test_f.split(1024):
+        sim, idx = (chunk @ train_f.T).topk(min(k, len(train_f)), dim=1)
+        votes = torch.zeros(len(chunk), classes, device=chunk.device)
+        scores.append(votes.scatter_add_(1, train_y[idx], (sim / T).exp()))
+    return topk(torch.cat(scores), test_y)
+
+
+def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
+    """Fast probe for short runs, not a paper's protocol: standardised cached features, linear head,
+    SGD (lr 0.1, momentum 0.9, batch 256) with a cosine schedule; the same on every rank."""
+    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+    train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    head = torch.nn.Linear(train_f.shape[1], classes).to(train_f.device)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs)
+    for _ in range(cfg.probe_epochs):
+        for idx in torch.randperm(len(train_f), generator=g).to(train_f.device).split(256):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(train_f[idx]), train_y[idx]).backward()
+            opt.step()
+        sched.step()
+    with torch.no_grad():
+        return topk(head(test_f), test_y)
+
+
+def feature_accuracy(kind, backbone, data, view, cfg, proc):
+    """The accuracy of frozen features by kind: "cached" probe on all training images, or "knn"
+    monitor on a class-balanced bank of --knn-bank of them, k = 200 (InstDisc) but at most a fifth of
+    the bank's smallest class (DINO's 20 on ImageNet, 100 images a class); it states both."""
+    labels = torch.as_tensor(data.probe.targets) if isinstance(data.probe, ImageFiles) else data.probe.tensors[1]
+    bank, per_class = (range(len(data.probe)), None) if kind == "cached" else knn_bank(labels, cfg.knn_bank, cfg.seed)
+    train_f, train_y = extract(backbone, torch.utils.data.Subset(data.probe, bank), view, cfg, proc)
+    test_f, test_y = extract(backbone, data.test, view, cfg, proc)
+    if kind == "cached":
+        return cached_probe(train_f, train_y, test_f, test_y, data.classes, cfg)
+    k = max(1, min(200, per_class // 5))
+    return {**knn_accuracy(train_f, train_y, test_f, test_y, data.classes, k), "k": k, "per_class": per_class}

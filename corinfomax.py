@@ -88,7 +88,7 @@ PRESETS = {
     "imagenet100": dict(stem="imagenet", image_size=224, epochs=400, batch_size=1024, lr=1.0, min_lr=5e-3,
                         norm=IMAGENET_NORM, alpha=500.0, la_R=0.01, la_mu=0.01),
     "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, epochs=100, batch_size=1536, lr=0.2,
-                     projector="8192-8192-512", proj_bn=True, probe_lr=25.0,
+                     projector="8192-8192-512", proj_bn=True, probe_lr=25.0, knn_bank=100000,
                      probe_schedule="step", knn_every=5, norm=IMAGENET_NORM, alpha=2000.0, la_R=0.1, la_mu=0.1),
     # ---- our own presets ----
     "stl10": dict(stem="imagenet", image_size=96, epochs=400, batch_size=512, norm=IMAGENET_NORM,
@@ -130,8 +130,9 @@ def parse_args(argv=None):
 # ============================================================================================
 # Loss
 # ============================================================================================
-# Self-contained: needs only torch, works without a process group. In a multi-GPU run, pass the
-# globally gathered z1, z2 (all_gather with gradient); every rank then holds identical state.
+# The unit to copy: this section, whole, below the line `import functools, math, torch, torch.distributed
+# as dist, torch.nn as nn, torch.nn.functional as F` (a test runs it so, alone). In a multi-GPU run, pass the globally
+# gathered z1, z2 (all_gather with gradient); every rank then holds identical state.
 
 def logdet_pd(A):
     """log det A of symmetric positive-definite matrices (..., D, D), by Cholesky A = L L^T:
@@ -179,6 +180,8 @@ class CorInfoMaxLoss(nn.Module):
         return R_new, mu_new.detach()
 
     def forward(self, z1, z2):
+        if z1.dim() != 2 or z1.shape != z2.shape or z1.shape[1] != self.dim:
+            raise ValueError(f"z1, z2 must have shape (N, {self.dim}), got {tuple(z1.shape)}, {tuple(z2.shape)}")
         R1, self.mu1 = self._branch(z1, self.R1, self.mu1)
         R2, self.mu2 = self._branch(z2, self.R2, self.mu2)
         self.R1, self.R2 = R1.detach(), R2.detach()                       # 6. state, no gradient
@@ -191,17 +194,6 @@ class CorInfoMaxLoss(nn.Module):
         return loss, {"loss": loss.detach(), "cov_loss": cov_loss.detach(), "sim_loss": sim_loss.detach(),
                       "logdet1": logdet1.detach(), "logdet2": logdet2.detach()}
 
-
-def make_criterion(cfg):
-    """The training loss as configured (called once per run; the module holds the state)."""
-    return CorInfoMaxLoss(common.out_dim(cfg), cfg.alpha, cfg.la_R, cfg.la_mu, cfg.R_ini, cfg.eps,
-                          cfg.center_with)
-
-
-def collapsed(logs, cfg):
-    """Collapse shows in the log-dets: every direction of both views' covariances at the floor eps."""
-    if max(logs["logdet1"], logs["logdet2"]) < common.out_dim(cfg) * math.log(2 * cfg.eps):
-        return "log-dets at D log(eps)"
 
 
 # ============================================================================================
@@ -360,43 +352,6 @@ def lr_at(cfg, epoch, frac=0.0):
 # Evaluation
 # ============================================================================================
 
-def knn_accuracy(train_f, train_y, test_f, test_y, classes, k, T=0.1):
-    """kNN monitor: the k nearest bank features (cosine) vote exp(similarity / T), T = 0.1 (InstDisc)."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    scores = []
-    for chunk in test_f.split(1024):
-        sim, idx = (chunk @ train_f.T).topk(min(k, len(train_f)), dim=1)
-        votes = torch.zeros(len(chunk), classes, device=chunk.device)
-        scores.append(votes.scatter_add_(1, train_y[idx], (sim / T).exp()))
-    return common.topk(torch.cat(scores), test_y)
-
-
-def knn_k(labels, classes):
-    """k = 200 (InstDisc), at most a fifth of the bank's smallest class: with more, a point's
-    neighbours are mostly other classes' images (DINO uses 20 on ImageNet)."""
-    counts = torch.bincount(labels, minlength=classes)
-    return max(1, min(200, int(counts[counts > 0].min()) // 5))
-
-
-def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
-    """Fast probe for short runs, not the paper protocol: standardised cached features, linear
-    head, SGD (lr 0.1, momentum 0.9, batch 256) with a cosine schedule; the same on every rank."""
-    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
-    train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
-    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    head = nn.Linear(train_f.shape[1], classes).to(train_f.device)
-    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs)
-    for _ in range(cfg.probe_epochs):
-        for idx in torch.randperm(len(train_f), generator=g).to(train_f.device).split(256):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(head(train_f[idx]), train_y[idx]).backward()
-            opt.step()
-        sched.step()
-    with torch.no_grad():
-        return common.topk(head(test_f), test_y)
-
-
 def probe_lr_at(cfg, step, per_epoch):
     """The linear probe's LR: probe_lr (x batch/256 if so scaled), warm-up from 0 over probe_warmup_steps,
     then a per-step cosine to 0 ("cosine-steps"), per-epoch cosine to lr/100 ("cosine") or x0.1 / 20 epochs."""
@@ -427,7 +382,8 @@ def linear_probe(backbone, name, data, cfg, proc, log):
     sampler = common.GlobalBatchSampler(len(data.probe), batch, proc.rank, proc.world, seed=cfg.seed + 1)
     loader = common.make_loader(common.Views(data.probe, [probe_train_view(cfg)]), sampler, cfg)
     path, checkpointed = os.path.join(cfg.output_dir, f"probe-{name}.pt"), dict(head=head, ema=ema, optimizer=opt)
-    start, _ = common.restore_checkpoint(path, checkpointed, cfg)      # the epochs done
+    owner = common.fingerprint(backbone)                               # a probe belongs to one backbone
+    start, _ = common.restore_checkpoint(path, checkpointed, cfg, owner)   # the epochs done
     if start:
         log.print(f"  probe {name}: resuming at epoch {start}")
 
@@ -444,7 +400,7 @@ def linear_probe(backbone, name, data, cfg, proc, log):
             F.cross_entropy(head_ddp(f), y.to(proc.device)).backward()
             opt.step()
             torch._foreach_lerp_(list(ema.parameters()), list(head.parameters()), 1 - decay)
-        common.save_checkpoint(path, checkpointed, epoch + 1, 0, cfg, proc)
+        common.save_checkpoint(path, checkpointed, epoch + 1, 0, cfg, proc, owner)
         log.print(f"  probe {name} epoch {epoch + 1}/{cfg.probe_epochs}  top1 {accuracy()['top1']:.2f}")
     return accuracy()
 
@@ -458,23 +414,28 @@ def effective_ranks(model, data, cfg, proc, n=2048):
 
 
 def evaluate(backbone, name, data, cfg, proc, log, kind):
-    """Accuracy of `backbone` by kind: "linear" (paper protocol), "cached" probe or "knn" monitor;
-    the kNN monitor extracts only its bank, --knn-bank training images drawn once."""
+    """Accuracy of `backbone` by kind: "linear" (the paper's protocol, above), or common.py's "cached"
+    probe or "knn" monitor."""
     if kind == "linear":
         return linear_probe(backbone, name, data, cfg, proc, log)
-    train_set = data.probe if kind == "cached" else \
-        torch.utils.data.Subset(data.probe, common.fixed_subset(len(data.probe), cfg.knn_bank))
-    train_f, train_y = common.extract(backbone, train_set, test_view(cfg), cfg, proc)
-    test_f, test_y = common.extract(backbone, data.test, test_view(cfg), cfg, proc)
-    if kind == "cached":
-        return cached_probe(train_f, train_y, test_f, test_y, data.classes, cfg)
-    k = knn_k(train_y, data.classes)
-    return {**knn_accuracy(train_f, train_y, test_f, test_y, data.classes, k), "k": k}
+    return common.feature_accuracy(kind, backbone, data, test_view(cfg), cfg, proc)
 
 
 # ============================================================================================
 # Training
 # ============================================================================================
+
+def make_criterion(cfg):
+    """The training loss as configured (called once per run; the module holds the state)."""
+    return CorInfoMaxLoss(common.out_dim(cfg), cfg.alpha, cfg.la_R, cfg.la_mu, cfg.R_ini, cfg.eps,
+                          cfg.center_with)
+
+
+def collapsed(logs, cfg):
+    """Collapse shows in the log-dets: every direction of both views' covariances at the floor eps."""
+    if max(logs["logdet1"], logs["logdet2"]) < common.out_dim(cfg) * math.log(2 * cfg.eps):
+        return "log-dets at D log(eps)"
+
 
 def build(cfg, proc):
     """Model, loss, optimiser and AMP scaler, freshly initialised from cfg.seed."""
@@ -544,7 +505,7 @@ def train(cfg):
                     continue
                 # Every --log-every steps and at an epoch's end: one host sync reads the logs (a NaN
                 # stops the run before it is saved); the processes agree on stopping and saving.
-                logs = common.read_logs(pending, step, ckpt)
+                logs = common.read_logs(pending, step)
                 log.train(epoch, step, logs, optimizer.param_groups[0]["lr"], collapsed(logs, cfg))
                 stop, save_due = common.agree(proc, time.time() - saved_at > 60 * cfg.save_every)
                 if stop or save_due or end:
@@ -559,11 +520,12 @@ def train(cfg):
                 done = monitor(model, criterion, data, cfg, proc, log, step)
                 if step == cfg.total_steps:   # saved again with its monitor: a longer run resumed here skips it
                     common.save_checkpoint(ckpt, checkpointed, step, done, cfg, proc)
-    except common.BadImage:   # one process keeps the steps before it (processes read different images)
-        if proc.world == 1:
-            common.read_logs(pending, step, ckpt)
+    except common.BadImage:   # one process keeps its steps since the last save (processes read different images)
+        if proc.world == 1 and step > common.KEPT.get("step", 0):
+            common.read_logs(pending, step)
             common.save_checkpoint(ckpt, checkpointed, step, done, cfg, proc)
         raise
+    del loader                                            # its workers end before the probe starts its own
     log.print(f"pretraining done: {step} steps")
     finish(model, data, cfg, proc, log)
     proc.close()

@@ -89,7 +89,7 @@ PRESETS = {
                         norm=IMAGENET_NORM),
     "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, epochs=100, batch_size=1536, lr=0.2,
                      projector="8192-8192-512", proj_bn=True, probe_lr=25.0,
-                     probe_schedule="step", knn_every=5, norm=IMAGENET_NORM),
+                     probe_schedule="step", knn_every=5, knn_bank=100000, norm=IMAGENET_NORM),
     # ---- our own presets; D kept small so that N >= 2D + 1 ----
     "stl10": dict(stem="imagenet", image_size=96, epochs=400, batch_size=512, norm=IMAGENET_NORM),
     "fashionmnist": dict(image_size=28, epochs=20, batch_size=256, warmup_epochs=2, min_lr=1e-3, lr_per_step=True,
@@ -137,8 +137,9 @@ def parse_args(argv=None):
 # ============================================================================================
 # Loss
 # ============================================================================================
-# Self-contained: needs only torch, works without a process group. In a multi-GPU run, pass the
-# globally gathered z1, z2 (all_gather with gradient): the MI is a statistic of the whole batch.
+# The unit to copy: this section, whole, below the line `import functools, math, torch, torch.distributed
+# as dist, torch.nn as nn, torch.nn.functional as F` (a test runs it so, alone). In a multi-GPU run, pass the globally
+# gathered z1, z2 (all_gather with gradient): the MI is a statistic of the whole batch.
 
 def logdet_pd(A):
     """log det A of symmetric positive-definite matrices (..., D, D), by Cholesky A = L L^T:
@@ -168,23 +169,28 @@ class ExplicitMIMLoss(nn.Module):
     """scale * [-1/2 (ld1 + ld2 - w ld_joint) + mse_weight * MSE]: with the defaults, scale * (-I).
 
     forward(z1, z2) takes the views (N, D) and returns (loss, logs with I and the log-dets).
-    estimator "batch": batch covariances (meaningful for N >= 2D + 1); "ema": CorInfoMax-style
-    float64 running estimates of the mean and the joint covariance, advanced at every call.
+    estimator "batch": batch covariances, N >= 2D + 1 (allow_singular: fewer, the joint covariance
+    singular but for eps); "ema": CorInfoMax-style float64 running estimates of the mean and the
+    joint covariance, advanced at every call.
     """
 
     def __init__(self, dim, eps=1e-8, scale=1.0, unbiased=False, joint_weight=1.0, mse_weight=0.0,
-                 estimator="batch", la_R=0.01, la_mu=0.01, R_ini=1.0):
+                 estimator="batch", la_R=0.01, la_mu=0.01, R_ini=1.0, allow_singular=False):
         super().__init__()
         if estimator not in ("batch", "ema"):
             raise ValueError("estimator must be 'batch' or 'ema'")
         self.dim, self.eps, self.scale, self.unbiased = dim, eps, scale, unbiased
         self.joint_weight, self.mse_weight = joint_weight, mse_weight
-        self.estimator, self.la_R, self.la_mu = estimator, la_R, la_mu
+        self.estimator, self.la_R, self.la_mu, self.allow_singular = estimator, la_R, la_mu, allow_singular
         if estimator == "ema":   # R1 = R2 = R_ini I, R12 = 0; means 0
             self.register_buffer("R", R_ini * torch.eye(2 * dim, dtype=torch.float64))
             self.register_buffer("mu", torch.zeros(2 * dim, dtype=torch.float64))
 
     def forward(self, z1, z2):
+        if z1.dim() != 2 or z1.shape != z2.shape or z1.shape[1] != self.dim:
+            raise ValueError(f"z1, z2 must have shape (N, {self.dim}), got {tuple(z1.shape)}, {tuple(z2.shape)}")
+        if self.estimator == "batch" and len(z1) < 2 * self.dim + 1 and not self.allow_singular:
+            raise ValueError(f"the batch estimator needs N >= 2D + 1 = {2 * self.dim + 1}, got N = {len(z1)}")
         j = torch.cat([z1, z2], dim=1)                       # [z1 z2], view-1 columns first
         if self.estimator == "batch":
             S = cov(j, j.double().mean(0), self.unbiased)
@@ -206,19 +212,6 @@ def explicit_mim_loss(z1, z2, eps=1e-8):
     """-I in nats (Theorem 1) with batch covariances: ExplicitMIMLoss's defaults. Returns (loss, logs)."""
     return ExplicitMIMLoss(z1.shape[1], eps)(z1, z2)
 
-
-def make_criterion(cfg):
-    """The training loss as configured (called once per run; the module holds any state)."""
-    D = common.out_dim(cfg)
-    return ExplicitMIMLoss(D, cfg.eps, {"2/D": 2 / D, "1/D": 1 / D, "1": 1.0}[cfg.loss_scale],
-                           cfg.cov_denom == "N-1", cfg.joint_weight, cfg.mse_weight, cfg.cov_estimator,
-                           cfg.la_R, cfg.la_mu, cfg.R_ini)
-
-
-def collapsed(logs, cfg):
-    """Collapse shows in the log-dets: every direction of both views' covariances at the floor eps."""
-    if max(logs["logdet1"], logs["logdet2"]) < common.out_dim(cfg) * math.log(2 * cfg.eps):
-        return "log-dets at D log(eps)"
 
 
 # ============================================================================================
@@ -377,43 +370,6 @@ def lr_at(cfg, epoch, frac=0.0):
 # Evaluation
 # ============================================================================================
 
-def knn_accuracy(train_f, train_y, test_f, test_y, classes, k, T=0.1):
-    """kNN monitor: the k nearest bank features (cosine) vote exp(similarity / T), T = 0.1 (InstDisc)."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    scores = []
-    for chunk in test_f.split(1024):
-        sim, idx = (chunk @ train_f.T).topk(min(k, len(train_f)), dim=1)
-        votes = torch.zeros(len(chunk), classes, device=chunk.device)
-        scores.append(votes.scatter_add_(1, train_y[idx], (sim / T).exp()))
-    return common.topk(torch.cat(scores), test_y)
-
-
-def knn_k(labels, classes):
-    """k = 200 (InstDisc), at most a fifth of the bank's smallest class: with more, a point's
-    neighbours are mostly other classes' images (DINO uses 20 on ImageNet)."""
-    counts = torch.bincount(labels, minlength=classes)
-    return max(1, min(200, int(counts[counts > 0].min()) // 5))
-
-
-def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
-    """Fast probe for short runs, not the paper protocol: standardised cached features, linear
-    head, SGD (lr 0.1, momentum 0.9, batch 256) with a cosine schedule; the same on every rank."""
-    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
-    train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
-    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    head = nn.Linear(train_f.shape[1], classes).to(train_f.device)
-    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs)
-    for _ in range(cfg.probe_epochs):
-        for idx in torch.randperm(len(train_f), generator=g).to(train_f.device).split(256):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(head(train_f[idx]), train_y[idx]).backward()
-            opt.step()
-        sched.step()
-    with torch.no_grad():
-        return common.topk(head(test_f), test_y)
-
-
 def probe_lr_at(cfg, step, per_epoch):
     """The linear probe's LR: probe_lr (x batch/256 if so scaled), warm-up from 0 over probe_warmup_steps,
     then a per-step cosine to 0 ("cosine-steps"), per-epoch cosine to lr/100 ("cosine") or x0.1 / 20 epochs."""
@@ -444,7 +400,8 @@ def linear_probe(backbone, name, data, cfg, proc, log):
     sampler = common.GlobalBatchSampler(len(data.probe), batch, proc.rank, proc.world, seed=cfg.seed + 1)
     loader = common.make_loader(common.Views(data.probe, [probe_train_view(cfg)]), sampler, cfg)
     path, checkpointed = os.path.join(cfg.output_dir, f"probe-{name}.pt"), dict(head=head, ema=ema, optimizer=opt)
-    start, _ = common.restore_checkpoint(path, checkpointed, cfg)      # the epochs done
+    owner = common.fingerprint(backbone)                               # a probe belongs to one backbone
+    start, _ = common.restore_checkpoint(path, checkpointed, cfg, owner)   # the epochs done
     if start:
         log.print(f"  probe {name}: resuming at epoch {start}")
 
@@ -461,7 +418,7 @@ def linear_probe(backbone, name, data, cfg, proc, log):
             F.cross_entropy(head_ddp(f), y.to(proc.device)).backward()
             opt.step()
             torch._foreach_lerp_(list(ema.parameters()), list(head.parameters()), 1 - decay)
-        common.save_checkpoint(path, checkpointed, epoch + 1, 0, cfg, proc)
+        common.save_checkpoint(path, checkpointed, epoch + 1, 0, cfg, proc, owner)
         log.print(f"  probe {name} epoch {epoch + 1}/{cfg.probe_epochs}  top1 {accuracy()['top1']:.2f}")
     return accuracy()
 
@@ -475,23 +432,30 @@ def effective_ranks(model, data, cfg, proc, n=2048):
 
 
 def evaluate(backbone, name, data, cfg, proc, log, kind):
-    """Accuracy of `backbone` by kind: "linear" (paper protocol), "cached" probe or "knn" monitor;
-    the kNN monitor extracts only its bank, --knn-bank training images drawn once."""
+    """Accuracy of `backbone` by kind: "linear" (the paper's protocol, above), or common.py's "cached"
+    probe or "knn" monitor."""
     if kind == "linear":
         return linear_probe(backbone, name, data, cfg, proc, log)
-    train_set = data.probe if kind == "cached" else \
-        torch.utils.data.Subset(data.probe, common.fixed_subset(len(data.probe), cfg.knn_bank))
-    train_f, train_y = common.extract(backbone, train_set, test_view(cfg), cfg, proc)
-    test_f, test_y = common.extract(backbone, data.test, test_view(cfg), cfg, proc)
-    if kind == "cached":
-        return cached_probe(train_f, train_y, test_f, test_y, data.classes, cfg)
-    k = knn_k(train_y, data.classes)
-    return {**knn_accuracy(train_f, train_y, test_f, test_y, data.classes, k), "k": k}
+    return common.feature_accuracy(kind, backbone, data, test_view(cfg), cfg, proc)
 
 
 # ============================================================================================
 # Training
 # ============================================================================================
+
+def make_criterion(cfg):
+    """The training loss as configured (called once per run; the module holds any state)."""
+    D = common.out_dim(cfg)
+    return ExplicitMIMLoss(D, cfg.eps, {"2/D": 2 / D, "1/D": 1 / D, "1": 1.0}[cfg.loss_scale],
+                           cfg.cov_denom == "N-1", cfg.joint_weight, cfg.mse_weight, cfg.cov_estimator,
+                           cfg.la_R, cfg.la_mu, cfg.R_ini, cfg.allow_singular)
+
+
+def collapsed(logs, cfg):
+    """Collapse shows in the log-dets: every direction of both views' covariances at the floor eps."""
+    if max(logs["logdet1"], logs["logdet2"]) < common.out_dim(cfg) * math.log(2 * cfg.eps):
+        return "log-dets at D log(eps)"
+
 
 def build(cfg, proc):
     """Model, loss, optimiser and AMP scaler, freshly initialised from cfg.seed."""
@@ -561,7 +525,7 @@ def train(cfg):
                     continue
                 # Every --log-every steps and at an epoch's end: one host sync reads the logs (a NaN
                 # stops the run before it is saved); the processes agree on stopping and saving.
-                logs = common.read_logs(pending, step, ckpt)
+                logs = common.read_logs(pending, step)
                 log.train(epoch, step, logs, optimizer.param_groups[0]["lr"], collapsed(logs, cfg))
                 stop, save_due = common.agree(proc, time.time() - saved_at > 60 * cfg.save_every)
                 if stop or save_due or end:
@@ -576,11 +540,12 @@ def train(cfg):
                 done = monitor(model, criterion, data, cfg, proc, log, step)
                 if step == cfg.total_steps:   # saved again with its monitor: a longer run resumed here skips it
                     common.save_checkpoint(ckpt, checkpointed, step, done, cfg, proc)
-    except common.BadImage:   # one process keeps the steps before it (processes read different images)
-        if proc.world == 1:
-            common.read_logs(pending, step, ckpt)
+    except common.BadImage:   # one process keeps its steps since the last save (processes read different images)
+        if proc.world == 1 and step > common.KEPT.get("step", 0):
+            common.read_logs(pending, step)
             common.save_checkpoint(ckpt, checkpointed, step, done, cfg, proc)
         raise
+    del loader                                            # its workers end before the probe starts its own
     log.print(f"pretraining done: {step} steps")
     finish(model, data, cfg, proc, log)
     proc.close()

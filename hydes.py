@@ -82,7 +82,8 @@ PRESETS = {
     "cifar100": dict(epochs=1000, batch_size=512, norm=((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
     "stl10": dict(stem="imagenet", image_size=96, epochs=1000, batch_size=512, blur_sigma=2.0, norm=IMAGENET_NORM),
     "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, epochs=100, batch_size=1024,
-                     optimizer="lars", wd=1e-6, crop_min_scale=0.25, blur_sigma=2.0, knn_every=5, norm=IMAGENET_NORM),
+                     optimizer="lars", wd=1e-6, crop_min_scale=0.25, blur_sigma=2.0, knn_every=5, knn_bank=100000,
+                     norm=IMAGENET_NORM),
     # ---- small presets for CPU runs ----
     "fashionmnist": dict(image_size=28, epochs=20, batch_size=256, lr=1.2, warmup_epochs=2,
                          projector="1024-1024-128", probe="cached", knn_every=5, baseline=True,
@@ -121,9 +122,10 @@ def parse_args(argv=None):
 # ============================================================================================
 # Loss
 # ============================================================================================
-# Self-contained: needs only torch (and math). `hydes_loss` is a pure function of the embeddings.
-# In a multi-GPU run, pass the gathered views (all_gather with gradient) and this process's
-# images as `anchors`: rows are the local anchors, columns the whole global batch.
+# The unit to copy: this section, whole, below the line `import functools, math, torch, torch.distributed
+# as dist, torch.nn as nn, torch.nn.functional as F` (a test runs it so, alone). `hydes_loss` is a pure
+# function of the embeddings. In a multi-GPU run, pass the gathered views (all_gather with
+# gradient) and this process's images as `anchors`: rows the local anchors, columns the global batch.
 
 @functools.lru_cache   # a constant of the run: computed once, not at every step
 def log_vmf_normaliser(D, kappa):
@@ -147,9 +149,9 @@ def hydes_loss(z, kappa=10.0, alpha=1.0, beta=1.0, global_self=True, global_posi
     Returns (loss, logs): "h_local", "h_global", "mi" with C_D included, and "w_self", the mean
     softmax weight of the self pair in the global density (0 when it is excluded), detached.
     """
-    V, N, D = z.shape
-    if V < 2:
+    if z.dim() != 3 or len(z) < 2:
         raise ValueError(f"z must have shape (V, N, D) with V >= 2 views, got {tuple(z.shape)}")
+    V, N, D = z.shape
     images = torch.arange(N, device=z.device)[anchors if anchors is not None else slice(None)]
     columns = z.reshape(V * N, D)                          # column j = v N + n shows image n
     rows = z[:, images].reshape(-1, D)                     # row i = v N_a + a shows images[a]
@@ -200,17 +202,6 @@ class HyDeSLoss(nn.Module):
             values /= world
         return loss, dict(zip(logs, values.unbind()))     # left on the device: no host sync
 
-
-def make_criterion(cfg):
-    """The training loss as configured (called once per run; the module holds no state)."""
-    return HyDeSLoss(cfg.kappa, cfg.alpha, cfg.beta, cfg.global_self == "include",
-                     cfg.global_positives == "include")
-
-
-def collapsed(logs, cfg):
-    """Collapse shows in H_global at its minimum, -log C_D - kappa: every embedding at one point."""
-    if logs["h_global"] < -log_vmf_normaliser(common.out_dim(cfg), cfg.kappa) - cfg.kappa + 1e-3:
-        return "H_global at its minimum"
 
 
 # ============================================================================================
@@ -357,21 +348,26 @@ class LARS(torch.optim.Optimizer):
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=1e-3):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+        for p in (p for group in self.param_groups for p in group["params"]):   # mu, made once
+            self.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                u = p.grad
-                if group["lars"]:
-                    u = u.add(p, alpha=group["weight_decay"])
-                    p_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)
-                    # torch.where, not `if`: no device-to-host sync per parameter.
-                    u = u * torch.where((p_norm > 0) & (u_norm > 0), group["eta"] * p_norm / u_norm, 1.0)
-                mu = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                p.add_(mu.mul_(group["momentum"]).add_(u), alpha=-group["lr"])
+        for group in self.param_groups:   # one kernel per op over the group's parameters (foreach)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            u = [p.grad for p in params]
+            if group["lars"]:
+                u = torch._foreach_add(u, params, alpha=group["weight_decay"])
+                p_norm, u_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(u))
+                # torch.where, not `if`: no device-to-host sync per parameter.
+                ratio = torch.where((p_norm > 0) & (u_norm > 0), group["eta"] * p_norm / u_norm, 1.0)
+                torch._foreach_mul_(u, ratio.unbind())
+            mu = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(mu, group["momentum"])
+            torch._foreach_add_(mu, u)
+            torch._foreach_add_(params, mu, alpha=-group["lr"])
 
 
 def make_optimizer(model, cfg):
@@ -399,43 +395,6 @@ def lr_at(cfg, step):
 # ============================================================================================
 # Evaluation
 # ============================================================================================
-
-def knn_accuracy(train_f, train_y, test_f, test_y, classes, k, T=0.1):
-    """kNN monitor: the k nearest bank features (cosine) vote exp(similarity / T), T = 0.1 (InstDisc)."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    scores = []
-    for chunk in test_f.split(1024):
-        sim, idx = (chunk @ train_f.T).topk(min(k, len(train_f)), dim=1)
-        votes = torch.zeros(len(chunk), classes, device=chunk.device)
-        scores.append(votes.scatter_add_(1, train_y[idx], (sim / T).exp()))
-    return common.topk(torch.cat(scores), test_y)
-
-
-def knn_k(labels, classes):
-    """k = 200 (InstDisc), at most a fifth of the bank's smallest class: with more, a point's
-    neighbours are mostly other classes' images (DINO uses 20 on ImageNet)."""
-    counts = torch.bincount(labels, minlength=classes)
-    return max(1, min(200, int(counts[counts > 0].min()) // 5))
-
-
-def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
-    """Fast probe for short runs, not the paper protocol: standardised cached features, linear
-    head, SGD (lr 0.1, momentum 0.9, batch 256) with a cosine schedule; the same on every rank."""
-    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
-    train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
-    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    head = nn.Linear(train_f.shape[1], classes).to(train_f.device)
-    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs)
-    for _ in range(cfg.probe_epochs):
-        for idx in torch.randperm(len(train_f), generator=g).to(train_f.device).split(256):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(head(train_f[idx]), train_y[idx]).backward()
-            opt.step()
-        sched.step()
-    with torch.no_grad():
-        return common.topk(head(test_f), test_y)
-
 
 def probe_lr_at(cfg, step, per_epoch):
     """The linear probe's LR: probe_lr (x batch/256 if so scaled), warm-up from 0 over probe_warmup_steps,
@@ -467,7 +426,8 @@ def linear_probe(backbone, name, data, cfg, proc, log):
     sampler = common.GlobalBatchSampler(len(data.probe), batch, proc.rank, proc.world, seed=cfg.seed + 1)
     loader = common.make_loader(common.Views(data.probe, [probe_train_view(cfg)]), sampler, cfg)
     path, checkpointed = os.path.join(cfg.output_dir, f"probe-{name}.pt"), dict(head=head, ema=ema, optimizer=opt)
-    start, _ = common.restore_checkpoint(path, checkpointed, cfg)      # the epochs done
+    owner = common.fingerprint(backbone)                               # a probe belongs to one backbone
+    start, _ = common.restore_checkpoint(path, checkpointed, cfg, owner)   # the epochs done
     if start:
         log.print(f"  probe {name}: resuming at epoch {start}")
 
@@ -484,7 +444,7 @@ def linear_probe(backbone, name, data, cfg, proc, log):
             F.cross_entropy(head_ddp(f), y.to(proc.device)).backward()
             opt.step()
             torch._foreach_lerp_(list(ema.parameters()), list(head.parameters()), 1 - decay)
-        common.save_checkpoint(path, checkpointed, epoch + 1, 0, cfg, proc)
+        common.save_checkpoint(path, checkpointed, epoch + 1, 0, cfg, proc, owner)
         log.print(f"  probe {name} epoch {epoch + 1}/{cfg.probe_epochs}  top1 {accuracy()['top1']:.2f}")
     return accuracy()
 
@@ -498,23 +458,28 @@ def effective_ranks(model, data, cfg, proc, n=2048):
 
 
 def evaluate(backbone, name, data, cfg, proc, log, kind):
-    """Accuracy of `backbone` by kind: "linear" (paper protocol), "cached" probe or "knn" monitor;
-    the kNN monitor extracts only its bank, --knn-bank training images drawn once."""
+    """Accuracy of `backbone` by kind: "linear" (the paper's protocol, above), or common.py's "cached"
+    probe or "knn" monitor."""
     if kind == "linear":
         return linear_probe(backbone, name, data, cfg, proc, log)
-    train_set = data.probe if kind == "cached" else \
-        torch.utils.data.Subset(data.probe, common.fixed_subset(len(data.probe), cfg.knn_bank))
-    train_f, train_y = common.extract(backbone, train_set, test_view(cfg), cfg, proc)
-    test_f, test_y = common.extract(backbone, data.test, test_view(cfg), cfg, proc)
-    if kind == "cached":
-        return cached_probe(train_f, train_y, test_f, test_y, data.classes, cfg)
-    k = knn_k(train_y, data.classes)
-    return {**knn_accuracy(train_f, train_y, test_f, test_y, data.classes, k), "k": k}
+    return common.feature_accuracy(kind, backbone, data, test_view(cfg), cfg, proc)
 
 
 # ============================================================================================
 # Training
 # ============================================================================================
+
+def make_criterion(cfg):
+    """The training loss as configured (called once per run; the module holds no state)."""
+    return HyDeSLoss(cfg.kappa, cfg.alpha, cfg.beta, cfg.global_self == "include",
+                     cfg.global_positives == "include")
+
+
+def collapsed(logs, cfg):
+    """Collapse shows in H_global at its minimum, -log C_D - kappa: every embedding at one point."""
+    if logs["h_global"] < -log_vmf_normaliser(common.out_dim(cfg), cfg.kappa) - cfg.kappa + 1e-3:
+        return "H_global at its minimum"
+
 
 def build(cfg, proc):
     """Model, loss, optimiser and AMP scaler, freshly initialised from cfg.seed."""
@@ -582,7 +547,7 @@ def train(cfg):
                     continue
                 # Every --log-every steps and at an epoch's end: one host sync reads the logs (a NaN
                 # stops the run before it is saved); the processes agree on stopping and saving.
-                logs = common.read_logs(pending, step, ckpt)
+                logs = common.read_logs(pending, step)
                 log.train(epoch, step, logs, optimizer.param_groups[0]["lr"], collapsed(logs, cfg))
                 stop, save_due = common.agree(proc, time.time() - saved_at > 60 * cfg.save_every)
                 if stop or save_due or end:
@@ -597,11 +562,12 @@ def train(cfg):
                 done = monitor(model, criterion, data, cfg, proc, log, step)
                 if step == cfg.total_steps:   # saved again with its monitor: a longer run resumed here skips it
                     common.save_checkpoint(ckpt, checkpointed, step, done, cfg, proc)
-    except common.BadImage:   # one process keeps the steps before it (processes read different images)
-        if proc.world == 1:
-            common.read_logs(pending, step, ckpt)
+    except common.BadImage:   # one process keeps its steps since the last save (processes read different images)
+        if proc.world == 1 and step > common.KEPT.get("step", 0):
+            common.read_logs(pending, step)
             common.save_checkpoint(ckpt, checkpointed, step, done, cfg, proc)
         raise
+    del loader                                            # its workers end before the probe starts its own
     log.print(f"pretraining done: {step} steps")
     finish(model, data, cfg, proc, log)
     proc.close()

@@ -30,11 +30,11 @@ DIFFERENCES FROM THE OFFICIAL CODE ([choice]: ours where it is silent; each one 
     2. [choice] The pairs that train c are resampled with one seed on every process, so c stays
        identical without a collective (the code averages per-device gradients).
     3. [choice] `--no-target`: the paper's variant without target (not in the code), M = 2 online projections.
-    4. [choice] Evaluation and export use an EMA (0.999) of the online backbone (`--eval-weights`).
+    4. Evaluation and export use the EMA (0.999) of the online backbone with its BatchNorm statistics, as the
+       official eval_experiment.py l. 224-226 loads them (ema_state.online_params, experiment_state.online_state).
     5. [choice] CIFAR presets extrapolated from ImageNet. Short presets: base LR 16 (0.4 barely moves a network
-       in 240 LARS steps), online backbone probed, target copied at start, tau_0 0. Demo's held-out draw (tools/
-       validate.py): EMA 0.99 / online 32.6 / 36.1; copied, tau_0 .9 / .8 / .7 / .5 / 0: 38.7 / 43.7 / 44.8 / 47.9 /
-       49.2; independent, .9 / .8: 42.5 / 42.0; none 20.3. Small folder's val/ (tools/small_folder.py): 66.4 -> 75.4.
+       in 240 LARS steps), online backbone probed, target copied at start, tau_0 0 (chosen on held-out draws,
+       docs/ssl_hsic.md gives each setting's accuracy).
     6. The loss, and the last layer and normalisation before it, in float32; data order, resume,
        kNN monitor as corinfomax.py (its items 2-5). Code conventions: --zy-self-pairs, --estimator.
     7. The official linear probe (eval_config.py l. 27-55; eval_experiment.py l. 141-145, 314-316,
@@ -89,7 +89,7 @@ DEFAULTS = dict(
 PRESETS = {
     # ---- the official configuration ----
     "imagenet": dict(arch="resnet50", stem="imagenet", image_size=224, epochs=1000, batch_size=4096, knn_every=5,
-                     norm=IMAGENET_NORM),
+                     knn_bank=100000, norm=IMAGENET_NORM),
     # ---- ours: extrapolations from the ImageNet recipe ----
     "cifar10": dict(epochs=1000, batch_size=512, norm=((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))),
     "cifar100": dict(epochs=1000, batch_size=512, norm=((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
@@ -138,9 +138,10 @@ def parse_args(argv=None):
 # ============================================================================================
 # Loss
 # ============================================================================================
-# Self-contained: needs only torch (and math). `ssl_hsic_loss` is a pure function of the
-# embeddings; `SSLHSIC` adds what changes from step to step: the learned kernel scale c and fresh
-# random features. In a multi-GPU run, pass the globally gathered views (all_gather with gradient).
+# The unit to copy: this section, whole, below the line `import functools, math, torch, torch.distributed
+# as dist, torch.nn as nn, torch.nn.functional as F` (a test runs it so, alone). `ssl_hsic_loss` is a
+# pure function of the embeddings; `SSLHSIC` adds what changes from step to step: the learned
+# kernel scale c and fresh random features. In a multi-GPU run, pass the gathered views (with gradient).
 
 def squared_distances(x, y):
     """||x_a - y_b||^2 for all rows a of x and b of y, by one matrix product."""
@@ -274,18 +275,6 @@ class SSLHSIC(nn.Module):
         self.c.sub_(self.scale_lr * m_hat / (v_hat.sqrt() + 1e-8))
         return grad_norm.detach()
 
-
-def make_criterion(cfg):
-    """The training loss as configured (called once per run; the module holds c and the draw count)."""
-    return SSLHSIC(cfg.gamma, cfg.sigma, None if cfg.estimator == "exact" else cfg.num_features,
-                   learn_scale=not cfg.fixed_scale, zy_self_pairs=cfg.zy_self_pairs == "include",
-                   shared_draws=cfg.rff_shared, seed=cfg.seed)
-
-
-def collapsed(logs, cfg):
-    """Collapse shows in HSIC(Z, Z) near 0: all embeddings alike."""
-    if logs["hsic_zz"] < 1e-6:
-        return "HSIC(Z, Z) near 0"
 
 
 # ============================================================================================
@@ -463,21 +452,26 @@ class LARS(torch.optim.Optimizer):
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=1e-3):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+        for p in (p for group in self.param_groups for p in group["params"]):   # mu, made once
+            self.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                u = p.grad
-                if group["lars"]:
-                    u = u.add(p, alpha=group["weight_decay"])
-                    p_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)
-                    # torch.where, not `if`: no device-to-host sync per parameter.
-                    u = u * torch.where((p_norm > 0) & (u_norm > 0), group["eta"] * p_norm / u_norm, 1.0)
-                mu = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                p.add_(mu.mul_(group["momentum"]).add_(u), alpha=-group["lr"])
+        for group in self.param_groups:   # one kernel per op over the group's parameters (foreach)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            u = [p.grad for p in params]
+            if group["lars"]:
+                u = torch._foreach_add(u, params, alpha=group["weight_decay"])
+                p_norm, u_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(u))
+                # torch.where, not `if`: no device-to-host sync per parameter.
+                ratio = torch.where((p_norm > 0) & (u_norm > 0), group["eta"] * p_norm / u_norm, 1.0)
+                torch._foreach_mul_(u, ratio.unbind())
+            mu = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(mu, group["momentum"])
+            torch._foreach_add_(mu, u)
+            torch._foreach_add_(params, mu, alpha=-group["lr"])
 
 
 def make_optimizer(model, cfg):
@@ -507,43 +501,6 @@ def tau_at(cfg, step):
 # ============================================================================================
 # Evaluation
 # ============================================================================================
-
-def knn_accuracy(train_f, train_y, test_f, test_y, classes, k, T=0.1):
-    """kNN monitor: the k nearest bank features (cosine) vote exp(similarity / T), T = 0.1 (InstDisc)."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    scores = []
-    for chunk in test_f.split(1024):
-        sim, idx = (chunk @ train_f.T).topk(min(k, len(train_f)), dim=1)
-        votes = torch.zeros(len(chunk), classes, device=chunk.device)
-        scores.append(votes.scatter_add_(1, train_y[idx], (sim / T).exp()))
-    return common.topk(torch.cat(scores), test_y)
-
-
-def knn_k(labels, classes):
-    """k = 200 (InstDisc), at most a fifth of the bank's smallest class: with more, a point's
-    neighbours are mostly other classes' images (DINO uses 20 on ImageNet)."""
-    counts = torch.bincount(labels, minlength=classes)
-    return max(1, min(200, int(counts[counts > 0].min()) // 5))
-
-
-def cached_probe(train_f, train_y, test_f, test_y, classes, cfg):
-    """Fast probe for short runs, not the paper protocol: standardised cached features, linear
-    head, SGD (lr 0.1, momentum 0.9, batch 256) with a cosine schedule; the same on every rank."""
-    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
-    train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
-    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    head = nn.Linear(train_f.shape[1], classes).to(train_f.device)
-    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.probe_epochs)
-    for _ in range(cfg.probe_epochs):
-        for idx in torch.randperm(len(train_f), generator=g).to(train_f.device).split(256):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(head(train_f[idx]), train_y[idx]).backward()
-            opt.step()
-        sched.step()
-    with torch.no_grad():
-        return common.topk(head(test_f), test_y)
-
 
 def probe_lr_at(cfg, step, per_epoch):
     """The linear probe's LR: probe_lr (x batch/256 if so scaled), warm-up from 0 over probe_warmup_steps,
@@ -575,7 +532,8 @@ def linear_probe(backbone, name, data, cfg, proc, log):
     sampler = common.GlobalBatchSampler(len(data.probe), batch, proc.rank, proc.world, seed=cfg.seed + 1)
     loader = common.make_loader(common.Views(data.probe, [probe_train_view(cfg)]), sampler, cfg)
     path, checkpointed = os.path.join(cfg.output_dir, f"probe-{name}.pt"), dict(head=head, ema=ema, optimizer=opt)
-    start, _ = common.restore_checkpoint(path, checkpointed, cfg)      # the epochs done
+    owner = common.fingerprint(backbone)                               # a probe belongs to one backbone
+    start, _ = common.restore_checkpoint(path, checkpointed, cfg, owner)   # the epochs done
     if start:
         log.print(f"  probe {name}: resuming at epoch {start}")
 
@@ -592,7 +550,7 @@ def linear_probe(backbone, name, data, cfg, proc, log):
             F.cross_entropy(head_ddp(f), y.to(proc.device)).backward()
             opt.step()
             torch._foreach_lerp_(list(ema.parameters()), list(head.parameters()), 1 - decay)
-        common.save_checkpoint(path, checkpointed, epoch + 1, 0, cfg, proc)
+        common.save_checkpoint(path, checkpointed, epoch + 1, 0, cfg, proc, owner)
         log.print(f"  probe {name} epoch {epoch + 1}/{cfg.probe_epochs}  top1 {accuracy()['top1']:.2f}")
     return accuracy()
 
@@ -606,23 +564,29 @@ def effective_ranks(model, data, cfg, proc, n=2048):
 
 
 def evaluate(backbone, name, data, cfg, proc, log, kind):
-    """Accuracy of `backbone` by kind: "linear" (paper protocol), "cached" probe or "knn" monitor;
-    the kNN monitor extracts only its bank, --knn-bank training images drawn once."""
+    """Accuracy of `backbone` by kind: "linear" (the paper's protocol, above), or common.py's "cached"
+    probe or "knn" monitor."""
     if kind == "linear":
         return linear_probe(backbone, name, data, cfg, proc, log)
-    train_set = data.probe if kind == "cached" else \
-        torch.utils.data.Subset(data.probe, common.fixed_subset(len(data.probe), cfg.knn_bank))
-    train_f, train_y = common.extract(backbone, train_set, test_view(cfg), cfg, proc)
-    test_f, test_y = common.extract(backbone, data.test, test_view(cfg), cfg, proc)
-    if kind == "cached":
-        return cached_probe(train_f, train_y, test_f, test_y, data.classes, cfg)
-    k = knn_k(train_y, data.classes)
-    return {**knn_accuracy(train_f, train_y, test_f, test_y, data.classes, k), "k": k}
+    return common.feature_accuracy(kind, backbone, data, test_view(cfg), cfg, proc)
 
 
 # ============================================================================================
 # Training
 # ============================================================================================
+
+def make_criterion(cfg):
+    """The training loss as configured (called once per run; the module holds c and the draw count)."""
+    return SSLHSIC(cfg.gamma, cfg.sigma, None if cfg.estimator == "exact" else cfg.num_features,
+                   learn_scale=not cfg.fixed_scale, zy_self_pairs=cfg.zy_self_pairs == "include",
+                   shared_draws=cfg.rff_shared, seed=cfg.seed)
+
+
+def collapsed(logs, cfg):
+    """Collapse shows in HSIC(Z, Z) near 0: all embeddings alike."""
+    if logs["hsic_zz"] < 1e-6:
+        return "HSIC(Z, Z) near 0"
+
 
 def build(cfg, proc):
     """Model, loss, optimiser and AMP scaler, freshly initialised from cfg.seed."""
@@ -695,7 +659,7 @@ def train(cfg):
                     continue
                 # Every --log-every steps and at an epoch's end: one host sync reads the logs (a NaN
                 # stops the run before it is saved); the processes agree on stopping and saving.
-                logs = common.read_logs(pending, step, ckpt)
+                logs = common.read_logs(pending, step)
                 log.train(epoch, step, logs, optimizer.param_groups[0]["lr"], collapsed(logs, cfg))
                 stop, save_due = common.agree(proc, time.time() - saved_at > 60 * cfg.save_every)
                 if stop or save_due or end:
@@ -710,11 +674,12 @@ def train(cfg):
                 done = monitor(model, criterion, data, cfg, proc, log, step)
                 if step == cfg.total_steps:   # saved again with its monitor: a longer run resumed here skips it
                     common.save_checkpoint(ckpt, checkpointed, step, done, cfg, proc)
-    except common.BadImage:   # one process keeps the steps before it (processes read different images)
-        if proc.world == 1:
-            common.read_logs(pending, step, ckpt)
+    except common.BadImage:   # one process keeps its steps since the last save (processes read different images)
+        if proc.world == 1 and step > common.KEPT.get("step", 0):
+            common.read_logs(pending, step)
             common.save_checkpoint(ckpt, checkpointed, step, done, cfg, proc)
         raise
+    del loader                                            # its workers end before the probe starts its own
     log.print(f"pretraining done: {step} steps")
     finish(model, data, cfg, proc, log)
     proc.close()

@@ -27,7 +27,10 @@ def main():
     args = p.parse_args()
     if os.path.exists(args.out):
         raise common.UsageError(f"{args.out} exists; name a new folder")
-    images, labels = common.read_fashion_mnist(args.data_dir, train=True)
+    try:
+        images, labels = common.read_fashion_mnist(args.data_dir, train=True)
+    except common.UsageError as e:
+        raise common.UsageError(f"{e}; {common.FASHION_MNIST_HINT}") from None
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     picks = [order[labels[order] == c][:args.train + args.val].tolist() for c in range(10)]
     for c, mine in enumerate(picks):
