@@ -69,7 +69,8 @@ def run_cli(main, prog):
     try:
         return main()
     except UsageError as e:
-        message, code, speaks = f"error: {e}", 2, speaks or e.rank_local
+        who = f"rank {rank}: " if world > 1 and e.rank_local else ""   # a process's own error names it
+        message, code, speaks = f"{who}error: {e}", 2, speaks or e.rank_local
     except (NonFiniteLoss, Stopped) as e:
         message, code = f"stopped: {e}", getattr(e, "code", 3)
     except KeyboardInterrupt:
@@ -79,7 +80,7 @@ def run_cli(main, prog):
             raise
         message, code, speaks = "", 1, False
     if speaks:
-        print(f"{prog}: " + (f"rank {rank}: " if world > 1 and rank else "") + message, file=sys.stderr)
+        print(f"{prog}: {message}", file=sys.stderr)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # else torch's handler reports the workers killed below
     for child in mp.active_children():   # loader workers, deaf to SIGTERM (_quiet_worker): exit would wait on them
         child.kill()

@@ -47,9 +47,15 @@ import argparse
 import copy
 import math
 import os
+import signal
+import sys
 import time
 
-import torch
+if __name__ == "__main__":   # a Ctrl-C while torch loads (seconds): one line, no traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print(f"{sys.argv[0]}: interrupted while starting; nothing was "
+                                                           "saved", file=sys.stderr) or 130))
+
+import torch  # noqa: E402  (after the handler above)
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -228,6 +234,16 @@ def make_backbone(arch, stem):
     dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, dim
+
+
+def load_backbone(path):
+    """A run's backbone.pt as the ResNet it was trained as (arch and stem read off the weights), in
+    eval mode: load_backbone("runs/corinfomax-synthetic/backbone.pt")(images) gives the features."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net, _ = make_backbone("resnet50" if "layer1.0.conv3.weight" in state else "resnet18",
+                           "cifar" if state["conv1.weight"].shape[-1] == 3 else "imagenet")
+    net.load_state_dict(state)
+    return net.eval()
 
 
 def make_projector(in_dim, widths, bn):
