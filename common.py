@@ -161,7 +161,7 @@ SHARED_FLAGS = [   # (group, flag, type, or choices, or "switch" / "on-off", hel
     ("run", "--output-dir", str, "checkpoints, metrics.jsonl, backbone.pt (default: runs/<file>-<preset>)"),
     ("run", "--save-every", POSITIVE, "also checkpoint every this many minutes"),
     ("run", "--log-every", POSITIVE_INT, "steps between logs, NaN checks and stop or save checks"),
-    ("optimisation", "--seed", COUNT, None)]
+    ("run", "--seed", COUNT, None)]
 
 
 def add_shared_flags(p, presets):
@@ -480,9 +480,10 @@ def load_datasets(cfg, presets):
         train, test, classes = image_folder(root if cfg.data in presets else cfg.data, cfg.skip_bad_images)
         return Datasets(train, train if classes else None, test, classes)
     except UsageError as e:
-        hint = FASHION_MNIST_HINT if cfg.data == "fashionmnist" else "pass --data-dir DIR or --download" if cfg.data \
-            in TORCHVISION_SETS else "pass --data-dir DIR holding train/ and val/ class folders" if cfg.data in presets \
-            else "pass --data DIR holding train/ and val/ class folders, or a folder of images"
+        hint = (FASHION_MNIST_HINT if cfg.data == "fashionmnist" else
+                "pass --data-dir DIR or --download" if cfg.data in TORCHVISION_SETS else
+                "pass --data-dir DIR holding train/ and val/ class folders" if cfg.data in presets else
+                "pass --data DIR holding train/ and val/ class folders, or a folder of images")
         raise UsageError(f"{e}; {hint}") from None
 
 

@@ -1968,7 +1968,8 @@ def test_readme_commands_work(tmp_path):
 BANNERS = ["Config", "Loss", "Networks", "Augmentation", "Data", "Optimisation", "Evaluation",
            "Training", "Main"]
 # Definitions that must be identical in every method file.
-SHARED = ["IMAGENET_NORM", "make_backbone", "load_backbone", "BICUBIC", "normalize", "crop", "probe_train_view", "test_view",
+SHARED = ["IMAGENET_NORM", "make_backbone", "load_backbone", "BICUBIC", "normalize", "crop", "probe_train_view",
+          "test_view",
           "pretrain_loader", "probe_lr_at", "linear_probe",
           "effective_ranks", "evaluate", "build", "parallel", "train", "finish", "main"]
 BUDGETS = {"corinfomax.py": 588, "explicit_mim.py": 606, "hydes.py": 628, "ssl_hsic.py": 741}   # only shrink
@@ -2483,7 +2484,8 @@ def _rank_reading(folder, rank, world=2, batch=8, avoid=None):
     --skip-bad-images a broken file is replaced by the one after it)."""
     train = common.image_folder(str(folder), False)[0]
     sampler, n = common.GlobalBatchSampler(len(train), batch, rank, world, seed=0), len(train)
-    return next(train.path(i) for i, _ in next(iter(sampler)) if avoid not in (train.path((i + d) % n) for d in (-1, 1)))
+    return next(train.path(i) for i, _ in next(iter(sampler))
+                if avoid not in (train.path((i + d) % n) for d in (-1, 1)))
 
 
 def test_an_error_on_the_last_rank_is_its_one_line_and_the_other_process_stops_quietly(tmp_path):
@@ -2584,14 +2586,16 @@ def test_a_resume_with_another_experiments_values_is_one_line_naming_each(tmp_pa
 def test_a_folder_given_as_data_gets_its_own_default_output_folder():
     cfg = corinfomax.parse_args(["--data", "/photos/holiday/", "--preset", "stl10", "--cpu"])
     data = common.Datasets(range(600), None, None, 0)
-    assert common.derive(cfg, data, _proc(), "corinfomax.py").output_dir == os.path.join("runs", "corinfomax-stl10-holiday")
+    want = os.path.join("runs", "corinfomax-stl10-holiday")
+    assert common.derive(cfg, data, _proc(), "corinfomax.py").output_dir == want
     cfg = corinfomax.parse_args(["--data", "cifar10", "--cpu"])
     assert common.derive(cfg, data, _proc(), "corinfomax.py").output_dir == os.path.join("runs", "corinfomax-cifar10")
 
 
 def test_a_probe_checkpoint_of_another_backbone_is_not_resumed(tmp_path):
     """A finished run extended by more steps trains a fresh probe on the new backbone."""
-    args = [*TINY, "--probe", "linear", "--probe-epochs", 1, "--probe-batch", 16, "--no-baseline", "--output-dir", tmp_path]
+    args = [*TINY, "--probe", "linear", "--probe-epochs", 1, "--probe-batch", 16, "--no-baseline",
+            "--output-dir", tmp_path]
     assert run_script(*args, "--max-steps", 2).returncode == 0
     proc = run_script(*args, "--max-steps", 4)
     assert proc.returncode == 0, proc.stderr

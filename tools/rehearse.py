@@ -107,8 +107,8 @@ def children(pid):
 
 
 def run(method, args, gpus, output_dir, fails=False):
-    """Run the method in a fresh output_dir; returns (the last train line's img/s and data wait, peaks: training process,
-    loader worker, /dev/shm in MB, stderr). The launcher's children train; theirs are loader workers."""
+    """Run the method in a fresh output_dir; returns (the last train line's img/s and data wait, peaks: training
+    process, loader worker, /dev/shm in MB, stderr). The launcher's children train; theirs are loader workers."""
     shutil.rmtree(output_dir, ignore_errors=True)
     cmd = [sys.executable, os.path.join(ROOT, f"{method}.py"), *args, *HEADS.get(method, []), "--gpus", str(gpus),
            "--output-dir", output_dir]
